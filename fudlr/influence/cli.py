@@ -1,0 +1,56 @@
+"""`fudlr index`: build the training-set index of one adapter version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fudlr.console import console, progress_bar
+
+
+def index(
+    base_model: Path = typer.Option(..., help="Base model directory (safetensors + tokenizer)."),
+    adapter: Path = typer.Option(..., help="PEFT LoRA adapter directory."),
+    bundle: Path = typer.Option(..., help="The bundle the adapter was trained on."),
+    out: Path = typer.Option(..., help="Folder to write the index to."),
+    kind: str = typer.Option("ekfac", help="Curvature: ekfac or kfac."),
+    fisher: str = typer.Option("true", help="true (sampled labels: Gauss-Newton) or empirical."),
+    damping: float = typer.Option(10.0, help="Damping as a fraction of the mean eigenvalue."),
+    curvature_samples: int = typer.Option(
+        1000, min=1, help="Fit the curvature on a fixed-seed subset of this many samples."
+    ),
+    gradient_cache: bool = typer.Option(
+        True, help="Cache every sample's gradient (jobs then need no training-set pass)."
+    ),
+    batch_size: int = typer.Option(8, min=1, help="Samples per forward/backward."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the passes."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Fit EK-FAC curvature and cache per-sample gradients, once per adapter version."""
+    from fudlr.control import Control
+    from fudlr.data.bundle import Bundle
+    from fudlr.influence.index import IndexConfig, build_index
+
+    config = IndexConfig(
+        kind=kind,
+        fisher=fisher,
+        damping_factor=damping,
+        curvature_samples=curvature_samples,
+        gradient_cache=gradient_cache,
+        batch_size=batch_size,
+        precision=precision,
+    )
+    data = Bundle.load(bundle, splits=("train",))
+    with progress_bar("index") as bar:
+
+        def show(stage: str, done: int, total: int) -> None:
+            bar.update(0, description=stage, completed=done, total=total)
+
+        control = Control(progress=show, event=bar.console.print)
+        manifest = build_index(base_model, adapter, data, out, config, device, control)
+    seconds = ", ".join(f"{stage} {value:.1f}s" for stage, value in manifest["seconds"].items())
+    console.print(
+        f"index: {out}\nsamples: {manifest['samples']}  LoRA weights: {manifest['dim']:,}  "
+        f"time: {seconds}"
+    )

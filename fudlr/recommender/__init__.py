@@ -1,0 +1,1 @@
+"""The LLM recommender: LoRA SFT, generation + grounding to the catalog, title scoring."""

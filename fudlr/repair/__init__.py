@@ -1,0 +1,1 @@
+"""The repair: bias specifications, mask learning, Newton unlearning, the guard, the pipeline."""

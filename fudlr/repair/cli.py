@@ -1,0 +1,108 @@
+"""`fudlr debias`: repair an adapter's bias and print before / predicted / after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from fudlr.console import console, progress_bar
+
+
+def debias(
+    base_model: Path = typer.Option(..., help="Base model directory (safetensors + tokenizer)."),
+    adapter: Path = typer.Option(..., help="PEFT LoRA adapter directory to repair."),
+    bundle: Path = typer.Option(..., help="The bundle the adapter was trained on."),
+    bias: list[str] = typer.Option(
+        ...,
+        help="SIDE:ATTRIBUTE:METRIC@K[*WEIGHT], e.g. item:popularity_group:MGU@5 or "
+        "user:gender:NDCG@5; repeat for several.",
+    ),
+    out: Path = typer.Option(..., help="Folder for the repaired adapter and report.json."),
+    index: Path = typer.Option(
+        None, help="Training-set index (`fudlr index`); built into OUT/index if omitted."
+    ),
+    max_fraction: float = typer.Option(0.2, help="Most training samples removed (fraction)."),
+    max_loss_increase: float = typer.Option(
+        0.02, help="Largest predicted relative increase of the validation loss."
+    ),
+    max_ndcg_drop: float = typer.Option(0.05, help="Largest relative NDCG drop the guard accepts."),
+    query_users: int = typer.Option(128, min=1, help="Validation users behind the queries."),
+    guard_users: int = typer.Option(256, min=1, help="Validation users the guard measures."),
+    test_users: int = typer.Option(
+        None, min=0, help="Test users measured before/after (default all; 0 skips)."
+    ),
+    pool_per_group: int = typer.Option(4, min=1, help="Items scored per user and group."),
+    num_beams: int = typer.Option(5, min=1, help="Beam width of the hard recommendations."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for generation."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Find the training samples behind a bias and unlearn them from the LoRA weights."""
+    from fudlr.control import Control
+    from fudlr.data.bundle import Bundle
+    from fudlr.influence.index import build_index
+    from fudlr.recommender.recommend import RecommendConfig
+    from fudlr.repair.config import DebiasConfig, MaskConfig, check_job
+    from fudlr.repair.pipeline import DebiasJob
+    from fudlr.repair.spec import BiasSpec
+
+    config = DebiasConfig(
+        biases=tuple(BiasSpec.parse(text) for text in bias),
+        mask=MaskConfig(max_fraction=max_fraction, max_loss_increase=max_loss_increase),
+        query_users=query_users,
+        guard_users=guard_users,
+        test_users=test_users,
+        max_ndcg_drop=max_ndcg_drop,
+        pool_per_group=pool_per_group,
+        recommend=RecommendConfig(num_beams=num_beams, precision=precision),
+    )
+    data = Bundle.load(bundle)
+    check_job(data, config)
+    with progress_bar("debias") as bar:
+
+        def show(stage: str, done: int, total: int) -> None:
+            bar.update(0, description=stage, completed=done, total=total)
+
+        control = Control(progress=show, event=bar.console.print)
+        if index is None:
+            index = out / "index"
+            control.event(f"no --index given: building it into {index}")
+            build_index(base_model, adapter, data, index, device=device, control=control)
+        report = DebiasJob(base_model, adapter, data, index, config, device, control).run(out)
+    console.print(result_table(report))
+    console.print(
+        f"repaired adapter: {out / 'adapter'} (eta {report['eta']}, "
+        f"{len(report['selected'])} of {report['training_samples']} samples unlearned)\n"
+        f"report: {out / 'report.json'}"
+    )
+
+
+def result_table(report: dict) -> Table:
+    """Each bias and accuracy: before, predicted by the influence model, measured after."""
+    table = Table(title="debias: before / predicted / after")
+    splits = [split for split in ("valid", "test") if split in report["metrics"]]
+    table.add_column("metric")
+    table.add_column("predicted (surrogate)", justify="right")
+    for split in splits:
+        table.add_column(f"{split} before", justify="right")
+        table.add_column(f"{split} after", justify="right")
+    predicted = report["predicted"]
+    rows = [(label, f"{label}:before", f"{label}:after") for label in report["biases"]]
+    for label, before_key, after_key in rows:
+        cells = [f"{predicted[before_key]:.4f} → {predicted[after_key]:.4f}"]
+        for split in splits:
+            metrics = report["metrics"][split]
+            cells += [f"{metrics[w]['biases'][label]:.4f}" for w in ("before", "after")]
+        table.add_row(label, *cells)
+    accuracy = [
+        key for key in report["metrics"]["valid"]["before"] if key.startswith(("NDCG", "HR"))
+    ]
+    loss = f"{predicted['valid_loss:before']:.4f} → {predicted['valid_loss:after']:.4f}"
+    for index, key in enumerate(accuracy):
+        cells = [f"valid loss {loss}" if index == 0 else ""]
+        for split in splits:
+            metrics = report["metrics"][split]
+            cells += [f"{metrics[w][key]:.4f}" for w in ("before", "after")]
+        table.add_row(key, *cells)
+    return table

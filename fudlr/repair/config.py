@@ -1,0 +1,117 @@
+"""What a debias job is asked to do, checked without loading torch or a model.
+
+The service validates job requests with these same objects in its request path, where
+torch is never imported; the pipeline then runs them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fudlr.data.bundle import Bundle
+from fudlr.data.schema import SampleRow
+from fudlr.errors import InputError
+from fudlr.fairness.groups import Groups
+from fudlr.recommender.recommend import RecommendConfig
+from fudlr.repair.spec import BiasSpec
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Mask learning options.
+
+    alpha: weight of the predicted validation-loss increase (relative to the loss).
+    fdr: false discovery rate at which a sample's marginal effect on the unfairness must
+    stand out from sample-to-sample noise to be eligible for removal (Benjamini-Hochberg).
+    beta: sparsity: removing an eligible sample costs beta times that noise level, so the
+    mask stops adding samples whose help has faded. steps: Frank-Wolfe iterations.
+    binarize: keep samples with m > 0.5 at weight 1, or keep soft weights.
+    max_fraction: most training samples removed. max_loss_increase: largest predicted
+    relative increase of the validation loss the selection may cause.
+    smoothing: scale of the smoothed |x| and max, relative to each target's initial size.
+    """
+
+    alpha: float = 1.0
+    fdr: float = 0.05
+    beta: float = 0.5
+    steps: int = 200
+    binarize: bool = True
+    max_fraction: float = 0.2
+    max_loss_increase: float = 0.02
+    smoothing: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fdr < 1:
+            raise InputError("fdr must be in (0, 1)")
+        if not 0 < self.max_fraction <= 1:
+            raise InputError("max_fraction must be in (0, 1]")
+        if min(self.alpha, self.beta, self.max_loss_increase, self.smoothing) < 0:
+            raise InputError("alpha, beta, max_loss_increase and smoothing must not be negative")
+        if self.steps < 1:
+            raise InputError("steps must be at least 1")
+
+
+@dataclass(frozen=True)
+class DebiasConfig:
+    """A debias job.
+
+    query_users: validation users whose surrogates define the fairness and accuracy
+    queries. pool_per_group: items scored per user and stratum (item biases).
+    temperature: of the surrogate's recommendation distribution. guard_users: validation
+    users on which the guard measures the hard metrics (None = all). max_ndcg_drop:
+    largest relative NDCG drop the guard accepts. step_sizes: η tried in order.
+    accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
+    test_users: test users measured before and after (None = all, 0 = skip the test split).
+    """
+
+    biases: tuple[BiasSpec, ...]
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    query_users: int | None = 128
+    pool_per_group: int = 4
+    temperature: float = 1.0
+    guard_users: int | None = 256
+    max_ndcg_drop: float = 0.05
+    step_sizes: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
+    accuracy_k: int | None = None
+    test_users: int | None = None
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    max_length: int = 256
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.biases:
+            raise InputError("a debias job needs at least one bias")
+        labels = [bias.label for bias in self.biases]
+        if len(set(labels)) != len(labels):
+            raise InputError(f"the same bias is given twice: {', '.join(labels)}")
+        if not self.step_sizes or any(not 0 < eta <= 4 for eta in self.step_sizes):
+            raise InputError("step sizes must be in (0, 4]")
+        if not 0 <= self.max_ndcg_drop < 1:
+            raise InputError("max_ndcg_drop must be in [0, 1)")
+        if self.temperature <= 0 or self.pool_per_group < 1:
+            raise InputError("temperature must be positive and pool_per_group at least 1")
+
+    @property
+    def k_for_accuracy(self) -> int:
+        return self.accuracy_k or max(bias.k for bias in self.biases)
+
+
+def subset(rows: Sequence[SampleRow], count: int | None, seed: int) -> list[SampleRow]:
+    """A fixed-seed subset of `count` rows in their original order (None = all)."""
+    if count is None or count >= len(rows):
+        return list(rows)
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), count))
+    return [rows[index] for index in chosen]
+
+
+def check_job(bundle: Bundle, config: DebiasConfig) -> dict[str, Groups]:
+    """Every check that needs no model: specs against the bundle, the splits it uses."""
+    for split in ("train", "valid"):
+        if not bundle.split(split):
+            raise InputError(f"the {split} split is empty", file=bundle.root / f"{split}.jsonl")
+    if config.test_users != 0 and not bundle.split("test"):
+        raise InputError("the test split is empty", file=bundle.root / "test.jsonl")
+    return {bias.label: bias.groups(bundle, "valid") for bias in config.biases}

@@ -1,0 +1,408 @@
+"""The debias job: queries → influence scores → mask → Newton step → guard → adapter + report.
+
+`DebiasJob` is what the CLI and the workers run. Everything that needs no model is
+checked before the model loads; progress and milestones go through a Control, which
+also cancels between batches; nothing is written unless the guard accepts a step.
+Each stage is a method, so tests and benchmarks can run them one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from fudlr.control import Control
+from fudlr.data.bundle import Bundle
+from fudlr.data.schema import SampleRow
+from fudlr.errors import FudlrError, InputError
+from fudlr.fairness.metrics import group_shares
+from fudlr.fairness.surrogates import Quantities
+from fudlr.repair.config import DebiasConfig, check_job, subset
+from fudlr.repair.guard import Measurement
+from fudlr.repair.mask import FairnessTarget, Selection, learn_mask
+
+REPORT = "report.json"
+
+
+class RepairRejected(FudlrError):
+    """No step size passed the guard (or nothing could be selected); nothing was published."""
+
+
+class DebiasJob:
+    """One debias job over one adapter version and its training-set index."""
+
+    def __init__(
+        self,
+        base_model_dir: Path,
+        adapter_dir: Path,
+        bundle: Bundle,
+        index_dir: Path,
+        config: DebiasConfig,
+        device: str = "auto",
+        control: Control | None = None,
+    ) -> None:
+        from fudlr.influence.index import (
+            TrainingIndex,
+            adapter_weights_digest,
+            samples_digest,
+            training_samples,
+        )
+        from fudlr.influence.tracker import lora_linears
+        from fudlr.models.store import model_digest
+        from fudlr.recommender.recommend import Recommender
+
+        self.config, self.bundle, self.adapter_dir = config, bundle, adapter_dir
+        self.control = control or Control()
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+        self.groups = check_job(bundle, config)
+        self.samples = training_samples(bundle, adapter_dir)
+        self.index = TrainingIndex.load(
+            index_dir,
+            base_model_digest=model_digest(base_model_dir),
+            adapter_digest=adapter_weights_digest(adapter_dir),
+            train_digest=samples_digest(self.samples),
+        )
+        self.recommender = Recommender.load(
+            base_model_dir, adapter_dir, bundle, device, trainable=True
+        )
+        self.model, self.tokenizer = self.recommender.model, self.recommender.tokenizer
+        self.linears = lora_linears(self.model)
+        if tuple(linear.name for linear in self.linears) != self.index.layout.names:
+            raise InputError("the index's LoRA layout differs from the adapter's", file=index_dir)
+        self.layout = self.index.layout
+        valid = bundle.split("valid")
+        self.query_rows = subset(valid, config.query_users, config.seed)
+        self.guard_rows = subset(valid, config.guard_users, config.seed + 1)
+        self._lap("load")
+
+    def _lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._clock
+        self._clock = now
+
+    def measure(self, split: str, rows: Sequence[SampleRow]) -> Measurement:
+        from fudlr.repair.guard import measure
+
+        config = self.config
+        return measure(
+            self.recommender,
+            self.bundle,
+            split,
+            rows,
+            config.biases,
+            config.k_for_accuracy,
+            config.recommend,
+        )
+
+    def measure_original(self, split: str, rows: Sequence[SampleRow]) -> Measurement:
+        """The unpatched adapter's measurement, computed once per adapter and settings."""
+        from fudlr.paths import cache_dir
+        from fudlr.repair.guard import cached_measure, measurement_key
+
+        config = self.config
+        manifest = self.index.manifest
+        key = measurement_key(
+            [manifest["base_model_digest"], manifest["adapter_digest"], self.bundle.digest()],
+            split,
+            rows,
+            config.biases,
+            config.k_for_accuracy,
+            config.recommend,
+        )
+        return cached_measure(cache_dir() / "measurements", key, lambda: self.measure(split, rows))
+
+    def queries(self) -> tuple[Quantities, dict[str, torch.Tensor]]:
+        """Every linearised quantity with its gradient, and each item attribute's GH target."""
+        from fudlr.fairness.surrogates import item_share_quantities, loss_quantities, sample_pools
+
+        config, parts, history = self.config, [], {}
+        self.pools = {}
+        for bias in (b for b in config.biases if b.side == "item"):
+            groups = self.groups[bias.label]
+            pools = sample_pools(
+                self.query_rows,
+                groups,
+                config.pool_per_group,
+                config.seed,
+                self.recommender.neighborhoods(bias.k),
+            )
+            self.pools[bias.label] = pools
+            parts.append(
+                item_share_quantities(
+                    self.model,
+                    self.tokenizer,
+                    self.linears,
+                    self.layout,
+                    self.query_rows,
+                    pools,
+                    groups,
+                    self.bundle.item_completions(),
+                    temperature=config.temperature,
+                    control=self.control,
+                    label=bias.label,
+                )
+            )
+            shares = group_shares((row.history for row in self.query_rows), groups)
+            history[bias.label] = torch.tensor(
+                [shares[g] for g in groups.names], dtype=torch.float64
+            )
+        parts.append(
+            loss_quantities(
+                self.model,
+                self.tokenizer,
+                self.linears,
+                self.layout,
+                self.query_rows,
+                [self.groups[b.label] for b in config.biases if b.side == "user"],
+                max_length=config.max_length,
+                batch_size=config.batch_size,
+                control=self.control,
+            )
+        )
+        self._lap("queries")
+        return Quantities.concat(parts), history
+
+    def scores(self, quantities: Quantities) -> torch.Tensor:
+        """[n, k]: every training sample's predicted effect on every quantity if removed."""
+        from fudlr.influence.scores import influence_scores, precondition_queries
+
+        self.control.event(
+            f"scoring {self.index.samples} training samples against {len(quantities.names)} queries"
+        )
+        preconditioned = precondition_queries(
+            self.index.curvature, self.layout, quantities.gradients
+        )
+        scores = influence_scores(self._training_gradients(), preconditioned, self.index.samples)
+        self._lap("scores")
+        return scores
+
+    def _training_gradients(self, chosen: list[int] | None = None):
+        """Rows of training-sample gradients: the cache, or a pass over (some of) the samples."""
+        from fudlr.influence.gradients import compute_sample_gradients
+        from fudlr.recommender.encoding import encode_sample
+
+        if self.index.cache is not None:
+            return self.index.cache.read()
+        chosen = list(range(len(self.samples))) if chosen is None else chosen
+        encoded = [
+            encode_sample(
+                self.tokenizer,
+                self.samples[i].prompt,
+                self.samples[i].completion,
+                self.config.max_length,
+            )
+            for i in chosen
+        ]
+        passes = compute_sample_gradients(
+            self.model,
+            self.linears,
+            self.layout,
+            encoded,
+            batch_size=self.config.batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+            control=self.control,
+            stage="training gradients",
+        )
+        return (([chosen[j] for j in indices], rows) for indices, rows, _ in passes)
+
+    def targets(
+        self, quantities: Quantities, history: dict[str, torch.Tensor], scores: torch.Tensor
+    ) -> list[FairnessTarget]:
+        """Each bias as a function of its linearised quantities."""
+        targets = []
+        for bias in self.config.biases:
+            if bias.side == "item":
+                prefix = f"{bias.label}:share:"
+                reference, kind = history[bias.label], bias.metric.lower()
+            else:
+                prefix = f"user:{bias.attribute}:loglik:"
+                reference, kind = None, "gap"
+            columns = quantities.columns(prefix)
+            values = quantities.values[columns]
+            targets.append(
+                FairnessTarget(
+                    bias.label,
+                    kind,
+                    bias.weight,
+                    values,
+                    torch.zeros_like(values) if reference is None else reference,
+                    scores[:, columns],
+                )
+            )
+        return targets
+
+    def select(
+        self, quantities: Quantities, history: dict[str, torch.Tensor], scores: torch.Tensor
+    ) -> Selection:
+        loss_column = quantities.columns("accuracy:loss")[0]
+        selection = learn_mask(
+            self.targets(quantities, history, scores),
+            float(quantities.values[loss_column]),
+            scores[:, loss_column],
+            self.config.mask,
+            self.control,
+        )
+        self._lap("mask")
+        if not selection.indices:
+            raise RepairRejected(
+                "no training sample is predicted to reduce the bias within the budget"
+            )
+        self.control.event(
+            f"selected {len(selection.indices)} of {self.index.samples} training samples"
+        )
+        return selection
+
+    def newton_step(self, selection: Selection) -> dict[str, torch.Tensor]:
+        from fudlr.influence.gradients import weighted_sum
+        from fudlr.repair.unlearn import newton_step
+
+        total = weighted_sum(self._training_gradients(selection.indices), selection.weights.float())
+        step = newton_step(total, self.index.curvature, self.layout, self.index.samples)
+        self._lap("unlearn")
+        return step
+
+    def surrogate_tracking(
+        self, quantities: Quantities, before: Measurement, after: Measurement
+    ) -> dict:
+        """How the surrogates moved under the accepted patch next to the hard metrics.
+
+        Item biases: each group's surrogate share (query users, recomputed at the patched
+        weights) against its GP@K (guard users). A tracking surrogate moves the same way.
+        """
+        from fudlr.fairness.surrogates import mean_item_shares
+
+        tracking = {}
+        for bias in self.config.biases:
+            if bias.side != "item":
+                continue
+            columns = quantities.columns(f"{bias.label}:share:")
+            shares = mean_item_shares(
+                self.model,
+                self.tokenizer,
+                self.query_rows,
+                self.pools[bias.label],
+                self.bundle.item_completions(),
+                self.config.temperature,
+            )
+            names = self.groups[bias.label].names
+            surrogate = {
+                name: float(shares[i] - quantities.values[column])
+                for i, (name, column) in enumerate(zip(names, columns, strict=True))
+            }
+            hard = {
+                name: after.shares(bias.attribute, bias.k)[name]
+                - before.shares(bias.attribute, bias.k)[name]
+                for name in names
+            }
+            agree = sum((surrogate[g] > 0) == (hard[g] > 0) for g in names if hard[g] != 0)
+            moved = sum(1 for g in names if hard[g] != 0)
+            tracking[bias.label] = {
+                "surrogate_share_change": surrogate,
+                f"GP@{bias.k}_change": hard,
+                "sign_agreement": agree / moved if moved else None,
+                "pearson": _pearson([surrogate[g] for g in names], [hard[g] for g in names]),
+            }
+        return tracking
+
+    def run(self, out_dir: Path) -> dict:
+        """All stages; writes out_dir/adapter and out_dir/report.json only on success."""
+        from fudlr.repair.guard import verdict
+        from fudlr.repair.unlearn import WeightPatcher, save_patched_adapter
+
+        config = self.config
+        self.control.event(f"measuring the recommender on {len(self.guard_rows)} validation users")
+        before = self.measure_original("valid", self.guard_rows)
+        self._lap("measure before")
+        quantities, history = self.queries()
+        scores = self.scores(quantities)
+        selection = self.select(quantities, history, scores)
+        patcher = WeightPatcher(self.model, self.newton_step(selection))
+
+        attempts, accepted = [], None
+        for eta in config.step_sizes:
+            patcher.apply(eta)
+            after = self.measure("valid", self.guard_rows)
+            ok, reason = verdict(before, after, config.biases, config.max_ndcg_drop)
+            attempts.append({"eta": eta, "accepted": ok, "reason": reason, **after.summary()})
+            self.control.event(f"guard, eta={eta}: {'accepted' if ok else 'rejected'}: {reason}")
+            if ok:
+                accepted = (eta, after)
+                break
+        self._lap("guard")
+        if accepted is None:
+            patcher.restore()
+            raise RepairRejected(
+                "no step size passed the guard: "
+                + "; ".join(f"eta={a['eta']}: {a['reason']}" for a in attempts)
+            )
+        eta, after = accepted
+        metrics = {"valid": {"before": before.summary(), "after": after.summary()}}
+        if config.test_users != 0:
+            test_rows = subset(self.bundle.split("test"), config.test_users, config.seed + 2)
+            self.control.event(f"measuring {len(test_rows)} test users after and before")
+            test_after = self.measure("test", test_rows)
+            patcher.restore()
+            test_before = self.measure_original("test", test_rows)
+            patcher.apply(eta)
+            metrics["test"] = {"before": test_before.summary(), "after": test_after.summary()}
+            self._lap("measure test")
+
+        report = self._report(quantities, scores, selection, metrics, attempts, eta)
+        report["surrogate_tracking"] = self.surrogate_tracking(quantities, before, after)
+        provenance = {
+            "parent_adapter_digest": self.index.manifest["adapter_digest"],
+            "base_model_digest": self.index.manifest["base_model_digest"],
+            "eta": eta,
+            "removed_samples": len(selection.indices),
+            "biases": [bias.label for bias in config.biases],
+        }
+        save_patched_adapter(self.model, self.adapter_dir, out_dir / "adapter", provenance)
+        report["seconds"] = self.timings
+        (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+    def _report(
+        self,
+        quantities: Quantities,
+        scores: torch.Tensor,
+        selection: Selection,
+        metrics: dict,
+        attempts: list[dict],
+        eta: float,
+    ) -> dict:
+        names = quantities.names
+        return {
+            "status": "succeeded",
+            "biases": [bias.label for bias in self.config.biases],
+            "config": asdict(self.config),
+            "training_samples": self.index.samples,
+            "eta": eta,
+            "surrogates": dict(zip(names, quantities.values.tolist(), strict=True)),
+            "predicted": selection.predicted,
+            "metrics": metrics,
+            "guard": attempts,
+            "selected": [
+                {
+                    "sample_id": self.samples[i].sample_id,
+                    "weight": float(selection.weights[i]),
+                    "scores": dict(zip(names, scores[i].tolist(), strict=True)),
+                }
+                for i in selection.indices
+            ],
+        }
+
+
+def _pearson(first: list[float], second: list[float]) -> float | None:
+    """Pearson correlation, or None where it is undefined (a constant series)."""
+    if len(first) < 3:
+        return None
+    stacked = torch.tensor([first, second], dtype=torch.float64)
+    if bool((stacked.std(dim=1) == 0).any()):
+        return None
+    return float(torch.corrcoef(stacked)[0, 1])

@@ -1,0 +1,79 @@
+"""The FastAPI application: one router per resource, problems for every error, a reaper.
+
+`create_app(settings)` builds everything from one Settings object; `uvicorn
+service.app:create_app --factory` reads the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from fudlr import __version__
+from service import problems
+from service.base_models.router import router as base_models
+from service.context import Context
+from service.db import migrate
+from service.files.router import router as files
+from service.health.router import ServiceCollector
+from service.health.router import router as health
+from service.jobs.router import router as jobs
+from service.middleware import BodyLimit, RequestMetrics
+from service.recommenders.router import router as recommenders
+from service.settings import Settings
+from workers.reaper import reap
+
+log = logging.getLogger(__name__)
+DESCRIPTION = (
+    "Repair the fairness of a LoRA LLM recommender without retraining it: register a "
+    "recommender, submit debias jobs, download the repaired adapter as a new version. "
+    "Authenticate with `Authorization: Bearer <key>` (`fudlr keys create --tenant NAME`). "
+    "Errors are `application/problem+json` with a stable `code`."
+)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    context = Context.build(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            await asyncio.to_thread(migrate, context.engine)
+        reaper = asyncio.create_task(_reap_forever(context))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            context.engine.dispose()
+
+    app = FastAPI(title="FUDLR", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.context = context
+    app.state.metrics = CollectorRegistry()
+    app.state.metrics.register(ServiceCollector(context))
+    problems.install(app)
+    app.add_middleware(BodyLimit, upload_limit=settings.max_upload_bytes)
+    app.add_middleware(RequestMetrics, registry=app.state.metrics)
+    for router in (files, base_models, recommenders, jobs):
+        app.include_router(router, responses=problems.RESPONSES)
+    app.include_router(health)
+    return app
+
+
+async def _reap_forever(context: Context) -> None:
+    """Take back work from lost workers, every `reaper_interval_seconds`, for the app's life."""
+    while True:
+        await asyncio.sleep(context.settings.reaper_interval_seconds)
+        try:
+            requeued = await asyncio.to_thread(
+                reap, context.sessions, context.settings, context.queue
+            )
+            if requeued:
+                log.info("reaper resent %s", ", ".join(requeued))
+        except Exception:
+            log.exception("reaper pass failed")

@@ -1,0 +1,34 @@
+"""Base models as the API takes and shows them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class BaseModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    path: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="absolute path of a Hugging Face model directory that workers can read",
+    )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="expected digest of the weights; registration fails if they differ",
+    )
+
+
+class BaseModelOut(BaseModel):
+    id: str
+    object: Literal["base_model"] = "base_model"
+    name: str
+    path: str
+    digest: str = Field(description="sha256 over the safetensors files (name and content)")
+    details: dict[str, Any]
+    created_at: datetime

@@ -1,0 +1,134 @@
+"""Uploads: streamed to staging with a size cap, validated whole, only then stored and recorded.
+
+A data file must parse as the bundle's JSON Lines schema for its purpose (DESIGN.md §2);
+an adapter must be a safe archive of a LoRA PEFT directory with safetensors weights. A
+refused upload leaves nothing behind: staging is removed, no row is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy.orm import Session
+
+from fudlr.data.jsonl import iter_rows
+from fudlr.data.schema import ROW_SCHEMAS
+from fudlr.errors import InputError
+from fudlr.models.lora import ADAPTER_WEIGHTS, read_adapter_config
+from service.db import new_id
+from service.files.archives import Limits, pack, unpack
+from service.files.models import File
+from service.files.tensors import read_header
+from service.problems import Problem, input_problem
+from service.settings import Settings
+from service.storage import TenantStore
+
+ROW_KEYS = {"items": "item_id", "users": "user_id"}  # samples are keyed by sample_id
+_CHUNK = 1 << 20
+
+
+def clean_filename(name: str | None) -> str:
+    """The client's file name without folders or control characters (shown back in errors)."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip()
+    return base[:255] or "upload"
+
+
+def create_file(
+    session: Session,
+    settings: Settings,
+    store: TenantStore,
+    tenant: str,
+    purpose: str,
+    filename: str,
+    source: IO[bytes],
+) -> File:
+    with store.staging() as staging:
+        raw = staging / "upload"
+        sha256, size = _receive(source, raw, settings.max_upload_bytes)
+        if purpose == "adapter":
+            details = _store_adapter(store, raw, staging, settings, filename)
+        else:
+            details = {"rows": _check_rows(raw, purpose, filename)}
+            store.put(raw, store.blob(sha256))
+    record = File(
+        id=new_id("file"),
+        tenant_id=tenant,
+        purpose=purpose,
+        filename=filename,
+        bytes=size,
+        sha256=sha256,
+        details=details,
+    )
+    session.add(record)
+    session.commit()
+    return record
+
+
+def _receive(source: IO[bytes], target: Path, limit: int) -> tuple[str, int]:
+    hasher, size = hashlib.sha256(), 0
+    with target.open("wb") as handle:
+        while chunk := source.read(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise Problem(413, "payload_too_large", f"the upload exceeds {limit} bytes")
+            hasher.update(chunk)
+            handle.write(chunk)
+    if size == 0:
+        raise Problem(422, "invalid_data", "the upload is empty")
+    return hasher.hexdigest(), size
+
+
+def _check_rows(path: Path, purpose: str, filename: str) -> int:
+    """Every line against its schema, ids unique; the error names the line and the field."""
+    key = ROW_KEYS.get(purpose, "sample_id")
+    seen: set[str] = set()
+    try:
+        for line, row in iter_rows(path, ROW_SCHEMAS[purpose]):
+            value = getattr(row, key)
+            if value in seen:
+                raise InputError(f"duplicate {key} '{value}'", file=path, line=line, field=key)
+            seen.add(value)
+    except InputError as error:
+        raise input_problem(error, names={str(path): {"file": filename}}) from None
+    except UnicodeDecodeError:
+        raise Problem(422, "invalid_data", "not UTF-8 text", file=filename) from None
+    if not seen:
+        raise Problem(422, "invalid_data", "the file has no rows", file=filename)
+    return len(seen)
+
+
+def _store_adapter(
+    store: TenantStore, raw: Path, staging: Path, settings: Settings, filename: str
+) -> dict[str, Any]:
+    """Unpack safely, check it is a LoRA adapter, store the canonical archive and the folder
+    under the archive's digest (the digest versions and downloads are known by)."""
+    folder = staging / "adapter"
+    folder.mkdir()
+    limits = Limits(settings.max_archive_members, settings.max_extracted_bytes)
+    files = unpack(raw, folder, limits)
+    try:
+        config = read_adapter_config(folder)
+        tensors = read_header(folder / ADAPTER_WEIGHTS)
+        lora = [name for name in tensors if ".lora_A." in name or ".lora_B." in name]
+        if not lora:
+            raise InputError("holds no LoRA tensors (lora_A / lora_B)", file=ADAPTER_WEIGHTS)
+    except InputError as error:
+        raise input_problem(error, "invalid_adapter", {str(folder): {"file": filename}}) from None
+    archive = staging / "adapter.tar.gz"
+    digest = pack(folder, archive)
+    store.put(archive, store.blob(digest))
+    store.put(folder, store.adapter(digest))
+    return {
+        "digest": digest,
+        "files": files,
+        "peft_type": config.get("peft_type"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": config.get("target_modules"),
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "lora_tensors": len(lora),
+    }

@@ -1,0 +1,94 @@
+"""`/v1/jobs`: submit (202 + Location, Idempotency-Key), list, get, events, cancel, report."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy import select
+
+from service.auth.service import StoreDep, TenantDep, owned
+from service.context import ContextDep, SessionDep
+from service.jobs.models import Job
+from service.jobs.schemas import EventPage, JobCreate, JobOut, JobState
+from service.jobs.service import cancel_job, create_job, events_after, job_out
+from service.pagination import Page, paginate
+from service.problems import Problem
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobOut)
+def submit_job(
+    context: ContextDep,
+    session: SessionDep,
+    tenant: TenantDep,
+    store: StoreDep,
+    request: JobCreate,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=255, description="same key + same body: the same job, not a new one"),
+    ] = None,
+) -> dict:
+    """Queue a debias job on a ready version; poll `Location` for its state."""
+    job, created = create_job(session, store, tenant, request, idempotency_key)
+    if created:
+        context.queue.send(context.sessions, Job, job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_out(job)
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    recommender_id: str | None = None,
+    state: JobState | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict:
+    query = select(Job).where(Job.tenant_id == tenant)
+    if recommender_id is not None:
+        query = query.where(Job.recommender_id == recommender_id)
+    if state is not None:
+        query = query.where(Job.state == state)
+    rows, next_cursor = paginate(session, query, Job, cursor, limit)
+    return {"data": [job_out(row) for row in rows], "next_cursor": next_cursor}
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> dict:
+    return job_out(owned(session, Job, job_id, tenant, "job"))
+
+
+@router.get("/{job_id}/events", response_model=EventPage)
+def list_events(
+    session: SessionDep,
+    tenant: TenantDep,
+    job_id: str,
+    after: Annotated[int, Query(ge=0, description="only events with a larger id")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict:
+    """Milestones, state changes and stage changes, oldest first."""
+    job = owned(session, Job, job_id, tenant, "job")
+    events = events_after(session, job, after, limit)
+    return {"data": events, "last_id": events[-1].id if events else None}
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+def cancel(session: SessionDep, tenant: TenantDep, job_id: str) -> dict:
+    """Queued jobs end at once; running ones stop at their next batch (`cancelling`)."""
+    return job_out(cancel_job(session, owned(session, Job, job_id, tenant, "job")))
+
+
+@router.get("/{job_id}/report", response_model=dict[str, Any])
+def get_report(session: SessionDep, tenant: TenantDep, job_id: str) -> dict[str, Any]:
+    """Selected training samples with their weights and scores, the guard's attempts,
+    metrics before and after."""
+    job = owned(session, Job, job_id, tenant, "job")
+    if job.report is None:
+        raise Problem(
+            409, "report_unavailable", f"job '{job.id}' is {job.state}; only succeeded jobs report"
+        )
+    return job.report

@@ -1,0 +1,151 @@
+"""Debias jobs over HTTP: what a client submits and what it reads back."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fudlr.errors import InputError
+from fudlr.repair.spec import BiasSpec
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Bias(_Request):
+    """One fairness target: item groups' share of recommendations vs of histories (MGU,
+    DGU), or the NDCG gap between user groups; `weight` when a job targets several."""
+
+    side: Literal["item", "user"]
+    attribute: str = Field(min_length=1, max_length=100, pattern=r"^[^:@*]+$")
+    metric: str = Field(description="MGU or DGU for items, NDCG for users")
+    k: int = Field(ge=1, le=1000)
+    weight: float = Field(1.0, gt=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _upper(cls, metric: str) -> str:
+        return metric.upper()
+
+    @model_validator(mode="after")
+    def _form(self) -> Bias:
+        try:
+            self.spec().check_form()
+        except InputError as error:
+            raise ValueError(error.reason) from None
+        return self
+
+    def spec(self) -> BiasSpec:
+        return BiasSpec(self.side, self.attribute, self.metric, self.k, self.weight)
+
+
+class Budget(_Request):
+    """max_fraction: most training samples unlearned. max_loss_increase: largest predicted
+    relative validation-loss increase. max_ndcg_drop: largest relative NDCG drop the guard
+    accepts before it refuses to publish."""
+
+    max_fraction: float = Field(0.2, gt=0, le=1)
+    max_loss_increase: float = Field(0.02, ge=0)
+    max_ndcg_drop: float = Field(0.05, ge=0, lt=1)
+
+
+class Options(_Request):
+    """query_users / guard_users: validation users behind the influence queries and the
+    guard; test_users: measured before/after (null = all, 0 = skip); step_sizes: tried in
+    order by the guard."""
+
+    query_users: int = Field(128, ge=1)
+    guard_users: int = Field(256, ge=1)
+    test_users: int | None = Field(None, ge=0)
+    pool_per_group: int = Field(4, ge=1, le=64)
+    num_beams: int = Field(5, ge=1, le=16)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    step_sizes: list[float] = Field(
+        default_factory=lambda: [1.0, 0.5, 0.25, 0.125], min_length=1, max_length=16
+    )
+    seed: int = 0
+
+    @field_validator("step_sizes")
+    @classmethod
+    def _in_range(cls, sizes: list[float]) -> list[float]:
+        if any(not 0 < eta <= 4 for eta in sizes):
+            raise ValueError("step sizes must be in (0, 4]")
+        return sizes
+
+
+class JobSpec(_Request):
+    """What the worker runs (stored on the job as submitted, defaults filled in)."""
+
+    biases: list[Bias] = Field(min_length=1, max_length=8)
+    budget: Budget = Field(default_factory=Budget)
+    options: Options = Field(default_factory=Options)
+
+    @field_validator("biases")
+    @classmethod
+    def _distinct(cls, biases: list[Bias]) -> list[Bias]:
+        labels = [bias.spec().label for bias in biases]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"the same bias is given twice: {', '.join(labels)}")
+        return biases
+
+
+class JobCreate(JobSpec):
+    recommender_id: str
+    version: int | None = Field(None, ge=1, description="default: the latest version")
+
+
+class JobError(BaseModel):
+    code: str
+    detail: str
+    file: str | None = None
+    line: int | None = None
+    field: str | None = None
+
+
+class JobMetrics(BaseModel):
+    """Validation-split measurements before and after the patch, the influence model's
+    prediction, and the test split's when measured."""
+
+    before: dict[str, Any] | None = None
+    predicted: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    recommender_id: str
+    version: int
+    state: JobState
+    stage: str | None
+    progress: float | None
+    attempts: int
+    biases: list[str]
+    spec: JobSpec
+    metrics: JobMetrics
+    result_version: int | None
+    error: JobError | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class EventOut(BaseModel):
+    id: int
+    created_at: datetime
+    kind: Literal["state", "stage", "message"]
+    message: str
+    stage: str | None
+    progress: float | None
+
+
+class EventPage(BaseModel):
+    data: list[EventOut]
+    last_id: int | None = Field(description="pass as `after` to read only newer events")

@@ -1,0 +1,172 @@
+"""Submitting, cancelling and reading debias jobs.
+
+Everything a job can be refused for without a model is refused here, with a problem
+the client can act on: an unknown or unready version, a bias the data cannot support.
+A job row is committed before its task is sent (the router sends it), so a worker never
+receives a job it cannot find.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from fudlr.data.bundle import Bundle
+from fudlr.errors import InputError
+from service.auth.service import owned
+from service.db import new_id, utcnow
+from service.jobs.models import TERMINAL, Event, Job
+from service.jobs.schemas import JobCreate, JobSpec
+from service.problems import Problem
+from service.recommenders.models import Recommender
+from service.recommenders.service import latest_number, version_of
+from service.storage import TenantStore
+from workers.leases import add_event
+
+
+def create_job(
+    session: Session,
+    store: TenantStore,
+    tenant: str,
+    request: JobCreate,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """(job, created): an Idempotency-Key seen before with the same body returns that job."""
+    body = request.model_dump(mode="json")
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    if idempotency_key is not None:
+        existing = _by_key(session, tenant, idempotency_key, digest)
+        if existing is not None:
+            return existing, False
+
+    recommender = owned(session, Recommender, request.recommender_id, tenant, "recommender")
+    number = request.version or latest_number(session, recommender.id)
+    version = version_of(session, recommender, number)
+    if version.state != "ready":
+        reason = version.error["detail"] if version.error else "its training-set index is building"
+        raise Problem(
+            409,
+            "version_not_ready",
+            f"version {number} of '{recommender.id}' is {version.state}: {reason}",
+            field="version",
+        )
+    spec = JobSpec.model_validate(request.model_dump(include={"biases", "budget", "options"}))
+    _check_against_data(store, recommender, spec)
+
+    job = Job(
+        id=new_id("job"),
+        tenant_id=tenant,
+        recommender_id=recommender.id,
+        version=number,
+        state=Job.PENDING,
+        spec=spec.model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+    )
+    session.add(job)
+    add_event(session, job.id, "state", f"queued on version {number}")
+    try:
+        session.commit()
+    except IntegrityError:  # the same key, submitted concurrently: the other one won
+        session.rollback()
+        existing = _by_key(session, tenant, idempotency_key or "", digest)
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+def _by_key(session: Session, tenant: str, key: str, digest: str) -> Job | None:
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant, Job.idempotency_key == key))
+    if job is not None and job.request_hash != digest:
+        raise Problem(
+            422,
+            "idempotency_conflict",
+            "this Idempotency-Key was used for a different request body",
+            job_id=job.id,
+        )
+    return job
+
+
+def _check_against_data(store: TenantStore, recommender: Recommender, spec: JobSpec) -> None:
+    """Biases against the groups of the registered data; the test split where asked for."""
+    bundle = Bundle.load(store.bundle(recommender.bundle_digest), splits=("valid",))
+    for position, bias in enumerate(spec.biases):
+        try:
+            bias.spec().groups(bundle, "valid")
+        except InputError as error:
+            raise Problem(422, "invalid_bias", error.reason, field=f"biases.{position}") from None
+    if "test" not in recommender.data:
+        if spec.options.test_users:
+            raise Problem(
+                422,
+                "validation_error",
+                "the recommender was registered without a test split",
+                field="options.test_users",
+            )
+        spec.options.test_users = 0
+
+
+def cancel_job(session: Session, job: Job) -> Job:
+    """Queued: cancelled at once. Running: `cancelling` until the worker stops at its next
+    batch. Finished: 409. Each step is a conditional update, so a race with the worker
+    (or another cancel) is decided by the database."""
+    for _ in range(3):
+        session.refresh(job)
+        if job.state in TERMINAL:
+            raise Problem(409, "job_finished", f"job '{job.id}' already {job.state}")
+        if job.state == "cancelling":
+            return job
+        target = "cancelled" if job.state == Job.PENDING else "cancelling"
+        values: dict[str, Any] = {"state": target}
+        if target == "cancelled":
+            values["finished_at"] = utcnow()
+        changed = session.execute(
+            update(Job).where(Job.id == job.id, Job.state == job.state).values(**values)
+        ).rowcount
+        if changed == 1:
+            message = "cancelled before it started" if target == "cancelled" else "cancel requested"
+            add_event(session, job.id, "state", message)
+            session.commit()
+            session.refresh(job)
+            return job
+        session.rollback()
+    raise Problem(409, "job_finished", f"job '{job.id}' changed state while cancelling; retry")
+
+
+def events_after(session: Session, job: Job, after: int, limit: int) -> list[Event]:
+    return list(
+        session.scalars(
+            select(Event)
+            .where(Event.subject_id == job.id, Event.id > after)
+            .order_by(Event.id)
+            .limit(limit)
+        )
+    )
+
+
+def job_out(job: Job) -> dict[str, Any]:
+    spec = JobSpec.model_validate(job.spec)
+    return {
+        "id": job.id,
+        "recommender_id": job.recommender_id,
+        "version": job.version,
+        "state": job.state,
+        "stage": job.stage,
+        "progress": job.progress,
+        "attempts": job.attempts,
+        "biases": [bias.spec().label for bias in spec.biases],
+        "spec": spec,
+        "metrics": job.metrics or {},
+        "result_version": job.result_version,
+        "error": job.error,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "updated_at": job.updated_at,
+    }

@@ -1,0 +1,84 @@
+"""Recommenders and their versions as the API takes and shows them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.jobs.schemas import JobError
+
+State = Literal["indexing", "ready", "failed"]
+
+
+class DataFiles(BaseModel):
+    """File ids of the bundle (DESIGN.md §2), each uploaded with the matching purpose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: str
+    valid: str
+    items: str
+    users: str
+    test: str | None = None
+
+
+class IndexOptions(BaseModel):
+    """How the training-set index is built (unset: the method's defaults). kind: ekfac or
+    kfac; curvature_samples: fit on a subset (null: all samples); gradient_cache: keep every
+    sample's gradient so that jobs need no pass over the training set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["ekfac", "kfac"] | None = None
+    fisher: Literal["true", "empirical"] | None = None
+    damping_factor: float | None = Field(None, gt=0)
+    curvature_samples: int | None = Field(None, ge=1)
+    gradient_cache: bool | None = None
+    batch_size: int | None = Field(None, ge=1, le=256)
+    max_length: int | None = Field(None, ge=16, le=8192)
+    precision: Literal["fp32", "bf16"] | None = None
+    seed: int | None = None
+
+
+class RecommenderCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    base_model_id: str
+    adapter_file_id: str
+    data: DataFiles
+    index: IndexOptions = Field(default_factory=IndexOptions)
+
+
+class RecommenderOut(BaseModel):
+    id: str
+    object: Literal["recommender"] = "recommender"
+    name: str
+    base_model_id: str
+    adapter_file_id: str
+    data: dict[str, str]
+    index: dict[str, Any]
+    state: State = Field(description="of version 1: indexing, then ready or failed")
+    stage: str | None
+    progress: float | None
+    error: JobError | None
+    latest_version: int
+    created_at: datetime
+
+
+class VersionOut(BaseModel):
+    object: Literal["recommender.version"] = "recommender.version"
+    recommender_id: str
+    number: int
+    parent: int | None = Field(description="the version the job that made this one started from")
+    job_id: str | None
+    digest: str = Field(description="sha256 of the adapter archive; its ETag")
+    bytes: int
+    state: State = Field(description="of this version's training-set index")
+    stage: str | None
+    progress: float | None
+    error: JobError | None
+    created_at: datetime
+    ready_at: datetime | None

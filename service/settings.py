@@ -1,0 +1,83 @@
+"""Every knob of the API and the workers, read from `FUDLR_*` environment variables.
+
+One Settings object is built per process and handed down (FastAPI dependencies, the
+worker runtime), so tests configure a server or a worker by constructing one.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    """`$XDG_DATA_HOME/fudlr` (else ~/.local/share/fudlr): service state is not a cache."""
+    base = os.environ.get("XDG_DATA_HOME")
+    return (Path(base) if base else Path.home() / ".local" / "share") / "fudlr"
+
+
+class Settings(BaseSettings):
+    """Embedded defaults (SQLite, a local artifact folder, a filesystem broker) unless set.
+
+    data_dir: root of the embedded defaults. database_url: SQLAlchemy URL (sqlite:///...,
+    postgresql://...). broker_url: Celery broker (redis://..., filesystem://).
+    artifact_dir: adapters, data files, indexes (shared by the API and every worker).
+    model_roots: if set, base models may only be registered below these directories.
+    lease_seconds: a running task's lease; a worker renews it every heartbeat_seconds, and
+    the reaper requeues (or fails, after max_attempts) work whose lease expired.
+    visibility_timeout_seconds: Redis redelivers an unacknowledged task after this long;
+    it must exceed the longest job (the database, not the broker, decides reruns).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FUDLR_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str | None = None
+    broker_url: str | None = None
+    artifact_dir: Path | None = None
+    model_roots: list[Path] = Field(default_factory=list)
+
+    max_upload_bytes: int = Field(2 << 30, gt=0)
+    max_extracted_bytes: int = Field(4 << 30, gt=0)
+    max_archive_members: int = Field(64, gt=0)
+
+    queue: str = "gpu"
+    device: str = "auto"
+    lease_seconds: float = Field(120.0, gt=0)
+    heartbeat_seconds: float | None = Field(None, gt=0)
+    cancel_poll_seconds: float = Field(1.0, ge=0)
+    max_attempts: int = Field(3, ge=1)
+    reaper_interval_seconds: float = Field(10.0, gt=0)
+    visibility_timeout_seconds: int = Field(24 * 3600, gt=0)
+    auto_migrate: bool = True
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_seconds is not None and self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
+        return self
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'fudlr.db'}"
+
+    @cached_property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @cached_property
+    def artifacts(self) -> Path:
+        return self.artifact_dir or self.data_dir / "artifacts"
+
+    @cached_property
+    def broker_folder(self) -> Path:
+        """Where the filesystem broker keeps its messages (embedded mode only)."""
+        return self.data_dir / "broker"
+
+    @property
+    def heartbeat(self) -> float:
+        return self.heartbeat_seconds or self.lease_seconds / 3

@@ -1,0 +1,207 @@
+"""The repair on the tiny model: bad specifications, fidelity against retraining, a planted bias."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fudlr.data.bundle import Bundle
+from fudlr.data.jsonl import write_rows
+from fudlr.errors import InputError
+from fudlr.fairness.groups import item_groups
+from fudlr.fairness.surrogates import item_share_quantities, sample_pools
+from fudlr.influence.index import IndexConfig, build_index
+from fudlr.influence.layout import ParameterLayout
+from fudlr.influence.scores import influence_scores, precondition_queries
+from fudlr.influence.tracker import lora_linears
+from fudlr.models.lora import load_adapter
+from fudlr.models.store import load_base_model
+from fudlr.recommender.recommend import RecommendConfig
+from fudlr.recommender.train import train_adapter
+from fudlr.repair.config import DebiasConfig, MaskConfig
+from fudlr.repair.pipeline import DebiasJob
+from fudlr.repair.spec import BiasSpec
+from tests.conftest import TINY_RECIPE, planted_bundle
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("popularity_group:MGU@5", "expected SIDE:ATTRIBUTE:METRIC@K"),
+        ("item:popularity_group:NDCG@5", "metric must be one of MGU, DGU"),
+        ("user:gender:MGU@5", "metric must be one of NDCG"),
+        ("item:popularity_group:MGU@0", "K must be at least 1"),
+    ],
+)
+def test_malformed_bias_specifications(text: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        BiasSpec.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("item:colour:MGU@5", "no item has the attribute 'colour'"),
+        ("user:shoe_size:NDCG@5", "no user has the attribute 'shoe_size'"),
+        ("item:popularity_group:MGU@5000", "larger than the catalog"),
+    ],
+)
+def test_specifications_the_bundle_cannot_support_fail_before_loading_a_model(
+    tiny_model: Path, tiny_bundle: Path, tiny_adapter, text: str, message: str, monkeypatch
+) -> None:
+    from fudlr.recommender import recommend
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a bad specification")
+
+    monkeypatch.setattr(recommend.Recommender, "load", no_model)
+    config = DebiasConfig(biases=(BiasSpec.parse(text),))
+    with pytest.raises(InputError, match=message):
+        DebiasJob(tiny_model, tiny_adapter[0], Bundle.load(tiny_bundle), Path("none"), config)
+
+
+def test_user_group_without_validation_users_is_refused(tmp_path: Path, tiny_bundle: Path) -> None:
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle_dir)
+    bundle = Bundle.load(bundle_dir)
+    # give one user a gender nobody else has and drop them from the validation split
+    user = bundle.split("valid")[0].user_id
+    users = [
+        row.model_copy(update={"attributes": {**row.attributes, "gender": "X"}})
+        if row.user_id == user
+        else row
+        for row in bundle.users.values()
+    ]
+    write_rows(bundle_dir / "users.jsonl", users)
+    write_rows(bundle_dir / "valid.jsonl", [r for r in bundle.split("valid") if r.user_id != user])
+    spec = BiasSpec.parse("user:gender:NDCG@5")
+    with pytest.raises(InputError, match="group\\(s\\) X have no user in the valid split"):
+        spec.groups(Bundle.load(bundle_dir))
+
+
+def test_index_of_an_adapter_for_another_base_model_is_refused(
+    tmp_path: Path, tiny_bundle: Path, tiny_adapter
+) -> None:
+    from fudlr.models.tiny import TinyModelConfig, build_tiny_model
+
+    other = tmp_path / "other"
+    build_tiny_model(other, TinyModelConfig(hidden_size=96, intermediate_size=192))
+    with pytest.raises(InputError, match="does not fit the base model"):
+        build_index(other, tiny_adapter[0], Bundle.load(tiny_bundle), tmp_path / "i", device="cpu")
+    assert not (tmp_path / "i").exists()
+
+
+def _share_values(model_dir: Path, adapter: Path, bundle: Bundle, rows, pools, groups):
+    base, tokenizer = load_base_model(model_dir)
+    model = load_adapter(base, adapter, trainable=True)
+    linears = lora_linears(model)
+    return item_share_quantities(
+        model,
+        tokenizer,
+        linears,
+        ParameterLayout.of(linears),
+        rows,
+        pools,
+        groups,
+        bundle.item_completions(),
+    )
+
+
+def test_predicted_changes_track_retraining_without_the_removed_samples(
+    tmp_path: Path, tiny_model: Path, tiny_bundle: Path
+) -> None:
+    """Removing random sets: the influence prediction of each group share's change against
+    the change measured after retraining (same seed, same recipe, those samples at weight 0)."""
+    bundle = Bundle.load(tiny_bundle)
+    samples = bundle.split("train")
+    full = tmp_path / "full"
+    train_adapter(tiny_model, bundle, full, TINY_RECIPE, device="cpu")
+    build_index(tiny_model, full, bundle, tmp_path / "index", IndexConfig(batch_size=16), "cpu")
+    from fudlr.influence.index import TrainingIndex
+
+    index = TrainingIndex.load(
+        tmp_path / "index",
+        base_model_digest=json.loads((tmp_path / "index/index.json").read_text())[
+            "base_model_digest"
+        ],
+        adapter_digest=json.loads((tmp_path / "index/index.json").read_text())["adapter_digest"],
+        train_digest=json.loads((tmp_path / "index/index.json").read_text())["train_digest"],
+    )
+    groups = item_groups(bundle.items, "popularity_group")
+    rows = bundle.split("valid")
+    pools = sample_pools(rows, groups, per_stratum=6, seed=0)  # every item of the tiny catalog
+    at_full = _share_values(tiny_model, full, bundle, rows, pools, groups)
+    preconditioned = precondition_queries(index.curvature, index.layout, at_full.gradients)
+    scores = influence_scores(index.cache.read(), preconditioned, index.samples)
+
+    generator = torch.Generator().manual_seed(0)
+    predicted, actual = [], []
+    for set_number, fraction in enumerate((0.1, 0.2, 0.3, 0.1, 0.2, 0.3)):
+        removed = torch.randperm(len(samples), generator=generator)[: int(fraction * len(samples))]
+        weights = torch.zeros(len(samples), dtype=torch.float64)
+        weights[removed] = 1.0
+        predicted.append(weights @ scores)
+        retrained = tmp_path / f"without-{set_number}"
+        zero = {samples[i].sample_id: 0.0 for i in removed.tolist()}
+        train_adapter(tiny_model, bundle, retrained, TINY_RECIPE, weights=zero, device="cpu")
+        after = _share_values(tiny_model, retrained, bundle, rows, pools, groups)
+        actual.append(after.values - at_full.values)
+    predicted_changes = torch.stack(predicted).flatten()
+    actual_changes = torch.stack(actual).flatten()
+    correlation = torch.corrcoef(torch.stack([predicted_changes, actual_changes]))[0, 1].item()
+    print(f"\nfidelity: Pearson r(predicted, retrained) of group-share changes = {correlation:.3f}")
+    assert correlation > 0.3
+
+
+def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path, tiny_bundle: Path):
+    bundle_dir = planted_bundle(tiny_bundle, tmp_path / "bundle", copies=60)
+    bundle = Bundle.load(bundle_dir)
+    adapter = tmp_path / "adapter"
+    train_adapter(tiny_model, bundle, adapter, TINY_RECIPE, device="cpu")
+    build_index(tiny_model, adapter, bundle, tmp_path / "index", IndexConfig(batch_size=16), "cpu")
+    config = DebiasConfig(
+        biases=(BiasSpec.parse("item:popularity_group:MGU@1"),),
+        mask=MaskConfig(max_fraction=0.3),
+        pool_per_group=6,
+        max_ndcg_drop=0.5,
+        recommend=RecommendConfig(num_beams=2),
+    )
+    job = DebiasJob(tiny_model, adapter, bundle, tmp_path / "index", config, device="cpu")
+    report = job.run(tmp_path / "out")
+
+    selected = {entry["sample_id"] for entry in report["selected"]}
+    planted = {s.sample_id for s in bundle.split("train") if s.sample_id.startswith("planted-")}
+    precision = len(selected & planted) / len(selected)
+    recall = len(selected & planted) / len(planted)
+    valid = report["metrics"]["valid"]
+    label = "item:popularity_group:MGU@1"
+    print(
+        f"\nplanted: {len(selected)} selected, precision {precision:.2f}, recall {recall:.2f}; "
+        f"MGU@1 {valid['before']['biases'][label]:.3f} -> {valid['after']['biases'][label]:.3f}"
+    )
+    assert precision >= 0.6 and recall >= 0.3
+    assert valid["after"]["biases"][label] < valid["before"]["biases"][label]
+    tracking = report["surrogate_tracking"][label]
+    print(f"surrogate tracking: {tracking}")
+    assert set(tracking["surrogate_share_change"]) == {"0", "1", "2", "3", "4"}
+
+    # the repaired adapter: original config byte for byte, loads with stock PEFT, new outputs
+    from peft import PeftModel
+
+    repaired = tmp_path / "out" / "adapter"
+    assert (repaired / "adapter_config.json").read_bytes() == (
+        adapter / "adapter_config.json"
+    ).read_bytes()
+    base, tokenizer = load_base_model(tiny_model)
+    model = PeftModel.from_pretrained(base, str(repaired))
+    ids = tokenizer(bundle.split("valid")[0].prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        repaired_logits = model(ids).logits
+    base, _ = load_base_model(tiny_model)
+    with torch.no_grad():
+        original_logits = PeftModel.from_pretrained(base, str(adapter))(ids).logits
+    assert not torch.allclose(repaired_logits, original_logits)
