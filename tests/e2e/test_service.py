@@ -13,7 +13,8 @@ import httpx
 import pytest
 import torch
 
-from clients.sdk import ApiError, JobFailed
+from clients.sdk import ApiError, Client, JobFailed
+from service.jobs.schemas import JobOut
 from tests.e2e.conftest import PLANTED_JOB, Cluster, fudlr, start_cluster
 from tests.integration.harness import wait_for
 
@@ -139,19 +140,7 @@ def test_a_rejected_repair_fails_with_its_reason_and_publishes_nothing(
 def test_a_running_job_is_cancelled_between_batches(cluster: Cluster, recommender: str):
     with cluster.client() as client:
         versions = len(client.versions(recommender))
-        job = client.submit(
-            recommender,
-            PLANTED_JOB["biases"],
-            version=1,
-            budget=PLANTED_JOB["budget"],
-            options={**PLANTED_JOB["options"], "test_users": 0},
-        )
-        wait_for(
-            lambda: client.job(job.id).state == "running",
-            timeout=TIMEOUT,
-            interval=0.05,
-            what="a claim",
-        )
+        job = _submit_until_running(client, recommender)
         assert client.cancel(job.id).state == "cancelling"
         done = client.watch(job.id, lambda *_: None, poll=0.2, timeout=TIMEOUT)
         assert done.state == "cancelled" and done.result_version is None and done.error is None
@@ -163,6 +152,24 @@ def test_a_running_job_is_cancelled_between_batches(cluster: Cluster, recommende
             client.cancel(job.id)
 
 
+def _submit_until_running(client: Client, recommender: str) -> JobOut:
+    """The planted job on version 1, once a worker has claimed it."""
+    job = client.submit(
+        recommender,
+        PLANTED_JOB["biases"],
+        version=1,
+        budget=PLANTED_JOB["budget"],
+        options={**PLANTED_JOB["options"], "test_users": 0},
+    )
+    wait_for(
+        lambda: client.job(job.id).state == "running",
+        timeout=TIMEOUT,
+        interval=0.05,
+        what="a claim",
+    )
+    return job
+
+
 def _loads_torch(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
@@ -171,19 +178,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_finishes_once(
     cluster: Cluster, recommender: str
 ):
     with cluster.client() as client:
-        job = client.submit(
-            recommender,
-            PLANTED_JOB["biases"],
-            version=1,
-            budget=PLANTED_JOB["budget"],
-            options={**PLANTED_JOB["options"], "test_users": 0},
-        )
-        wait_for(
-            lambda: client.job(job.id).state == "running",
-            timeout=TIMEOUT,
-            interval=0.05,
-            what="a claim",
-        )
+        job = _submit_until_running(client, recommender)
         victim = cluster.workers[-1]
         if Path("/proc").is_dir():  # CUDA/torch live in the task's child, never the worker
             assert not _loads_torch(victim.process.pid)
