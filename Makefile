@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fudlr-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -24,9 +24,16 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# the engine benchmark on SmolLM2 + MovieLens-100K (full: ~40 min on 2 CPU cores)
+bench: $(STAMP)
+	$(BIN)/python bench/engine.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/engine.py --quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf .fudlr-demo .pytest_cache .ruff_cache
+	rm -rf .fudlr-demo .fudlr-bench .pytest_cache .ruff_cache

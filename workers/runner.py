@@ -32,7 +32,6 @@ from workers.queue import TaskQueue
 if TYPE_CHECKING:
     from celery import Celery
 
-    from fudlr.repair.config import DebiasConfig
 
 log = logging.getLogger(__name__)
 _PUBLISH_TRIES = 5
@@ -150,7 +149,7 @@ class Runtime:
                 f"version {version.number} has no training-set index ({version.state})"
             )
         store = self.storage.tenant(job.tenant_id)
-        config = debias_config(JobSpec.model_validate(job.spec))
+        config = JobSpec.model_validate(job.spec).to_config()
         work = store.work(f"{job.id}-{lease.attempt}")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -247,29 +246,6 @@ class Runtime:
             self._end(lease, "cancelled", "cancelled: the finished result was discarded")
             return None
         return version.id
-
-
-def debias_config(spec: JobSpec) -> DebiasConfig:
-    """The API's job specification as the method's configuration."""
-    from fudlr.recommender.recommend import RecommendConfig
-    from fudlr.repair.config import DebiasConfig, MaskConfig
-    from fudlr.repair.spec import BiasSpec
-
-    budget, options = spec.budget, spec.options
-    return DebiasConfig(
-        biases=tuple(BiasSpec(**bias.model_dump()) for bias in spec.biases),
-        mask=MaskConfig(
-            max_fraction=budget.max_fraction, max_loss_increase=budget.max_loss_increase
-        ),
-        max_ndcg_drop=budget.max_ndcg_drop,
-        query_users=options.query_users,
-        guard_users=options.guard_users,
-        test_users=options.test_users,
-        pool_per_group=options.pool_per_group,
-        step_sizes=tuple(options.step_sizes),
-        recommend=RecommendConfig(num_beams=options.num_beams, precision=options.precision),
-        seed=options.seed,
-    )
 
 
 def _error(error: FudlrError) -> dict[str, Any]:

@@ -84,9 +84,7 @@ class DebiasConfig:
     def __post_init__(self) -> None:
         if not self.biases:
             raise InputError("a debias job needs at least one bias")
-        labels = [bias.label for bias in self.biases]
-        if len(set(labels)) != len(labels):
-            raise InputError(f"the same bias is given twice: {', '.join(labels)}")
+        check_distinct(self.biases)
         if not self.step_sizes or any(not 0 < eta <= 4 for eta in self.step_sizes):
             raise InputError("step sizes must be in (0, 4]")
         if not 0 <= self.max_ndcg_drop < 1:
@@ -97,6 +95,13 @@ class DebiasConfig:
     @property
     def k_for_accuracy(self) -> int:
         return self.accuracy_k or max(bias.k for bias in self.biases)
+
+
+def check_distinct(biases: Sequence[BiasSpec]) -> None:
+    """A job names each bias once (the report keys everything by its label)."""
+    labels = [bias.label for bias in biases]
+    if len(set(labels)) != len(labels):
+        raise InputError(f"the same bias is given twice: {', '.join(labels)}", field="biases")
 
 
 def subset(rows: Sequence[SampleRow], count: int | None, seed: int) -> list[SampleRow]:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fudlr.errors import InputError
+from fudlr.recommender.recommend import RecommendConfig
+from fudlr.repair.config import DebiasConfig, MaskConfig, check_distinct
 from fudlr.repair.spec import BiasSpec
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
@@ -88,10 +90,39 @@ class JobSpec(_Request):
     @field_validator("biases")
     @classmethod
     def _distinct(cls, biases: list[Bias]) -> list[Bias]:
-        labels = [bias.spec().label for bias in biases]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"the same bias is given twice: {', '.join(labels)}")
+        try:
+            check_distinct([bias.spec() for bias in biases])
+        except InputError as error:
+            raise ValueError(error.reason) from None
         return biases
+
+    @model_validator(mode="after")
+    def _valid_config(self) -> JobSpec:
+        """Every other check of the method's own, so the API refuses at submission what the
+        worker would refuse later (the field validators above say where)."""
+        try:
+            self.to_config()
+        except InputError as error:
+            raise ValueError(error.reason) from None
+        return self
+
+    def to_config(self) -> DebiasConfig:
+        """This specification as the method's configuration (what the worker runs)."""
+        budget, options = self.budget, self.options
+        return DebiasConfig(
+            biases=tuple(bias.spec() for bias in self.biases),
+            mask=MaskConfig(
+                max_fraction=budget.max_fraction, max_loss_increase=budget.max_loss_increase
+            ),
+            max_ndcg_drop=budget.max_ndcg_drop,
+            query_users=options.query_users,
+            guard_users=options.guard_users,
+            test_users=options.test_users,
+            pool_per_group=options.pool_per_group,
+            step_sizes=tuple(options.step_sizes),
+            recommend=RecommendConfig(num_beams=options.num_beams, precision=options.precision),
+            seed=options.seed,
+        )
 
 
 class JobCreate(JobSpec):
