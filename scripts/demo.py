@@ -32,6 +32,7 @@ from rich.table import Table
 
 from fudlr.fairness.plot import plot_group_shares
 from fudlr.hashing import file_sha256
+from fudlr.models.device import fast_precision
 
 console = Console()
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,7 +228,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--learning-rate", default="3e-3")
     parser.add_argument("--num-beams", type=int, default=5, help="beam width of generation")
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument(
+        "--precision",
+        default=fast_precision(),
+        choices=["fp32", "bf16"],
+        help="default: bf16 where the hardware has native bf16 matmuls, else fp32",
+    )
     parser.add_argument("--bias", default="item:popularity_group:MGU@1", help="the repair's target")
     parser.add_argument("--query-users", type=int, default=64, help="users behind the queries")
     parser.add_argument("--port", type=int, default=8765, help="port of the demo's service")
