@@ -187,6 +187,9 @@ def submit(
     max_fraction: float = typer.Option(None, help="Most training samples unlearned (fraction)."),
     max_loss_increase: float = typer.Option(None, help="Largest predicted valid-loss increase."),
     max_ndcg_drop: float = typer.Option(None, help="Largest relative NDCG drop accepted."),
+    fdr: float = typer.Option(
+        None, help="False discovery rate at which a sample must stand out to be unlearned."
+    ),
     option: list[str] = typer.Option(
         [], help="Job option KEY=VALUE (query_users, guard_users, num_beams, ...); repeatable."
     ),
@@ -200,6 +203,7 @@ def submit(
             ("max_fraction", max_fraction),
             ("max_loss_increase", max_loss_increase),
             ("max_ndcg_drop", max_ndcg_drop),
+            ("fdr", fdr),
         )
         if value is not None
     }

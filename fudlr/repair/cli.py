@@ -28,6 +28,9 @@ def debias(
         0.02, help="Largest predicted relative increase of the validation loss."
     ),
     max_ndcg_drop: float = typer.Option(0.05, help="Largest relative NDCG drop the guard accepts."),
+    fdr: float = typer.Option(
+        0.05, help="False discovery rate at which a sample must stand out to be removed."
+    ),
     query_users: int = typer.Option(128, min=1, help="Validation users behind the queries."),
     guard_users: int = typer.Option(256, min=1, help="Validation users the guard measures."),
     test_users: int = typer.Option(
@@ -49,7 +52,7 @@ def debias(
 
     config = DebiasConfig(
         biases=tuple(BiasSpec.parse(text) for text in bias),
-        mask=MaskConfig(max_fraction=max_fraction, max_loss_increase=max_loss_increase),
+        mask=MaskConfig(max_fraction=max_fraction, max_loss_increase=max_loss_increase, fdr=fdr),
         query_users=query_users,
         guard_users=guard_users,
         test_users=test_users,

@@ -49,11 +49,13 @@ class Bias(_Request):
 class Budget(_Request):
     """max_fraction: most training samples unlearned. max_loss_increase: largest predicted
     relative validation-loss increase. max_ndcg_drop: largest relative NDCG drop the guard
-    accepts before it refuses to publish."""
+    accepts before it refuses to publish. fdr: false discovery rate at which a sample's
+    effect on the bias must stand out from noise to be unlearned (higher: more samples)."""
 
     max_fraction: float = Field(0.2, gt=0, le=1)
     max_loss_increase: float = Field(0.02, ge=0)
     max_ndcg_drop: float = Field(0.05, ge=0, lt=1)
+    fdr: float = Field(0.05, gt=0, lt=1)
 
 
 class Options(_Request):
@@ -112,7 +114,9 @@ class JobSpec(_Request):
         return DebiasConfig(
             biases=tuple(bias.spec() for bias in self.biases),
             mask=MaskConfig(
-                max_fraction=budget.max_fraction, max_loss_increase=budget.max_loss_increase
+                max_fraction=budget.max_fraction,
+                max_loss_increase=budget.max_loss_increase,
+                fdr=budget.fdr,
             ),
             max_ndcg_drop=budget.max_ndcg_drop,
             query_users=options.query_users,
