@@ -230,9 +230,10 @@ def _round(
     config: MaskConfig,
     sparsity: float,
 ) -> torch.Tensor:
-    """The best binary mask among the prefixes of the samples ranked by their soft weight
-    (ties: the most helpful first). Thresholding a fractional optimum can overshoot badly;
-    the scan keeps the loss budget and cannot end worse than removing nothing."""
+    """The best binary mask met while adding the samples in order of their soft weight
+    (ties: the most helpful first), skipping any sample that would break the loss budget.
+    Thresholding a fractional optimum can overshoot badly; the scan keeps the loss budget
+    and cannot end worse than removing nothing."""
     ranking = sorted(range(soft.numel()), key=lambda i: (-float(soft[i]), float(gradient[i])))
     budget = max(1, int(config.max_fraction * soft.numel()))
     candidates = [i for i in ranking if soft[i] > 0][:budget]
@@ -245,6 +246,7 @@ def _round(
     for index in candidates:
         chosen[index] = 1.0
         if float(chosen @ loss_scores) > allowed:
+            chosen[index] = 0.0  # a later, cheaper sample may still fit
             continue
         value = _objective(
             chosen, targets, initial, loss_value, loss_scores, config, sparsity

@@ -58,3 +58,13 @@ def test_nothing_helps_nothing_is_selected() -> None:
     target, loss_scores = _problem(helpful=0)
     selection = learn_mask([target], 1.0, loss_scores, MaskConfig())
     assert selection.indices == []  # noise-level scores do not earn a removal
+
+
+def test_a_sample_over_the_loss_budget_does_not_block_the_rest() -> None:
+    target, loss_scores = _problem(helpful=10)  # not enough to close the gap: all are wanted
+    target.scores[0] = torch.tensor([-0.05, 0.05], dtype=torch.float64)  # the most helpful,
+    loss_scores[0] = 0.03  # worth its cost to the objective, but alone over the 2% budget
+    selection = learn_mask([target], 1.0, loss_scores, MaskConfig())
+    assert 0 not in selection.indices
+    assert set(selection.indices) == set(range(1, 10))
+    assert selection.predicted["valid_loss:after"] <= 1.02 + 1e-9
