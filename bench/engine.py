@@ -32,7 +32,7 @@ from fudlr.influence.index import IndexConfig, build_index
 from fudlr.influence.layout import ParameterLayout
 from fudlr.influence.tracker import lora_linears
 from fudlr.models.convert import SMOLLM2_NAME, convert_gguf, fetch_smollm2_gguf
-from fudlr.models.device import fast_precision
+from fudlr.models.device import PRECISIONS, fast_precision
 from fudlr.models.lora import load_adapter
 from fudlr.models.store import load_base_model
 from fudlr.recommender.encoding import encode_sample
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument(
         "--precision",
         default=fast_precision(),
-        choices=["fp32", "bf16"],
+        choices=PRECISIONS,
         help="default: bf16 where the hardware has native bf16 matmuls, else fp32",
     )
     parser.add_argument("--bias", default="item:popularity_group:MGU@1")

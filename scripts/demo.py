@@ -32,7 +32,7 @@ from rich.table import Table
 
 from fudlr.fairness.plot import plot_group_shares
 from fudlr.hashing import file_sha256
-from fudlr.models.device import fast_precision
+from fudlr.models.device import PRECISIONS, fast_precision
 
 console = Console()
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,17 +227,18 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--learning-rate", default="3e-3")
+    precision = fast_precision()  # reads the CPU's flags (and imports torch): once
     parser.add_argument(
         "--num-beams",
         type=int,
-        default=5 if fast_precision() == "bf16" else 1,
+        default=5 if precision == "bf16" else 1,
         help="beam width of generation (default: 5 where bf16 is native, else greedy: 5x "
         "cheaper on a small CPU, and only the top generation is grounded)",
     )
     parser.add_argument(
         "--precision",
-        default=fast_precision(),
-        choices=["fp32", "bf16"],
+        default=precision,
+        choices=PRECISIONS,
         help="default: bf16 where the hardware has native bf16 matmuls, else fp32",
     )
     parser.add_argument("--bias", default="item:popularity_group:MGU@1", help="the repair's target")

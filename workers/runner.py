@@ -32,7 +32,6 @@ from workers.queue import TaskQueue
 if TYPE_CHECKING:
     from celery import Celery
 
-
 log = logging.getLogger(__name__)
 _PUBLISH_TRIES = 5
 
