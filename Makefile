@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fudlr-installed
 
-.PHONY: install demo test lint bench bench-quick clean
+.PHONY: install demo test lint bench bench-quick bench-engine clean
 
 install: $(STAMP)
 
@@ -24,12 +24,16 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# the engine benchmark on SmolLM2 + MovieLens-100K (full: ~40 min on 2 CPU cores)
+# FUDLR against the baselines on SmolLM2 + MovieLens-100K (issue 5); full: hours on 2 CPU cores
 bench: $(STAMP)
-	$(BIN)/python bench/engine.py
+	$(BIN)/python -m bench.compare
 
 bench-quick: $(STAMP)
-	$(BIN)/python bench/engine.py --quick
+	$(BIN)/python -m bench.compare --quick
+
+# influence throughput and job cost (issue 3); full: ~40 min on 2 CPU cores
+bench-engine: $(STAMP)
+	$(BIN)/python -m bench.engine
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

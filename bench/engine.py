@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import time
 from datetime import date
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import RESULTS, ROOT, commit, machine, prepare_movielens, prepare_smollm2
 from fudlr.control import Control
-from fudlr.data.builder import build_movielens_bundle
 from fudlr.data.bundle import Bundle
 from fudlr.influence.gradients import compute_sample_gradients
 from fudlr.influence.index import IndexConfig, build_index
 from fudlr.influence.layout import ParameterLayout
 from fudlr.influence.tracker import lora_linears
-from fudlr.models.convert import SMOLLM2_NAME, convert_gguf, fetch_smollm2_gguf
 from fudlr.models.device import PRECISIONS, fast_precision
 from fudlr.models.lora import load_adapter
 from fudlr.models.store import load_base_model
@@ -42,18 +37,12 @@ from fudlr.repair.config import DebiasConfig, MaskConfig
 from fudlr.repair.pipeline import DebiasJob, RepairRejected
 from fudlr.repair.spec import BiasSpec
 
-ROOT = Path(__file__).resolve().parent.parent
 console = Console()
 PROFILES = {
     # training windows, samples timed for throughput, users behind queries / guard
     "quick": {"train_size": 96, "throughput_samples": 32, "query_users": 16, "guard_users": 32},
     "full": {"train_size": 1500, "throughput_samples": 256, "query_users": 128, "guard_users": 256},
 }
-
-
-def commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
 
 
 def prompt_tokens(tokenizer, samples) -> list:
@@ -100,11 +89,8 @@ def main() -> None:
     work: Path = args.work / profile_name
     console.rule(f"engine benchmark ({profile_name} profile)")
 
-    bundle_dir = work / "bundle"
-    build_movielens_bundle(None, bundle_dir, train_size=profile["train_size"], history_len=5)
-    model_dir = args.work / "models" / SMOLLM2_NAME
-    convert_gguf(fetch_smollm2_gguf(console.print), model_dir, SMOLLM2_NAME, console.print)
-    bundle = Bundle.load(bundle_dir)
+    bundle = Bundle.load(prepare_movielens(work / "bundle", profile["train_size"], 5))
+    model_dir = prepare_smollm2(args.work / "models", console.print)
     recipe = TrainConfig(learning_rate=3e-3, precision=args.precision)
 
     # 1. throughput on the same samples, batch size and precision
@@ -150,8 +136,7 @@ def main() -> None:
         "profile": profile_name,
         "date": date.today().isoformat(),
         "commit": commit(),
-        "machine": f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} "
-        f"cores, torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        "machine": machine(),
         "train_size": len(bundle.split("train")),
         "precision": args.precision,
         "throughput": {
@@ -173,7 +158,7 @@ def main() -> None:
             "met": job_seconds / training.seconds <= 0.1,
         },
     }
-    out_dir = ROOT / "bench" / "results"
+    out_dir = RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"engine-{profile_name}-{results['date']}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -128,42 +127,17 @@ def recommend_and_measure(
     return metrics
 
 
-def serve(work: Path, port: int) -> tuple[subprocess.Popen, dict[str, str]]:
-    """Start `fudlr serve` with its state under `work`; returns it and the clients' env."""
-    env = {
-        **os.environ,
-        "FUDLR_DATA_DIR": str(work / "service"),
-        "FUDLR_URL": f"http://127.0.0.1:{port}",
-    }
-    log = (work / "service.log").open("a")
-    console.print(f"$ fudlr serve --port {port}   (log: {work / 'service.log'})", style="dim")
-    server = subprocess.Popen(
-        [*FUDLR, "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log
-    )
-    import httpx
-
-    for _ in range(120):
-        try:
-            if httpx.get(f"{env['FUDLR_URL']}/readyz", timeout=2).status_code == 200:
-                return server, env
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise SystemExit(f"fudlr serve exited; see {work / 'service.log'}")
-        time.sleep(1)
-    server.terminate()
-    raise SystemExit(f"fudlr serve did not become ready; see {work / 'service.log'}")
-
-
 def repair_through_the_service(
     args: argparse.Namespace, work: Path, model: Path, bundle: Path, adapter: Path
 ) -> Path | None:
     """Register, debias and download through the HTTP service; returns the repaired adapter."""
+    from clients.embedded import embedded_service
     from clients.sdk import Client
 
     out = work / "repair"
-    server, env = serve(work, args.port)
-    try:
+    log = work / "service.log"
+    console.print(f"$ fudlr serve --port {args.port}   (log: {log})", style="dim")
+    with embedded_service(work / "service", args.port, log) as env:
         env["FUDLR_API_KEY"] = fudlr(["keys", "create", "--tenant", "demo"], env, capture=True)
         register = ["register", "--name", "movielens-smollm2", "--base-model", str(model)]
         register += ["--adapter", str(adapter), "--bundle", str(bundle), "--wait"]
@@ -189,9 +163,6 @@ def repair_through_the_service(
         fudlr(["download", recommender, "--out", str(out / "adapter")], env)
         with Client(env["FUDLR_URL"], env["FUDLR_API_KEY"]) as client:
             (out / "report.json").write_text(json.dumps(client.report(job), indent=2))
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     return out / "adapter"
 
 

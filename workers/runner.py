@@ -76,7 +76,10 @@ class Runtime:
                 self._end(lease, "cancelled", str(error))
             except FudlrError as error:
                 problem = _error(error)
-                self._end(lease, "failed", f"failed: {problem['detail']}", error=problem)
+                # a rejected repair keeps its report: what was selected, every guard attempt
+                found = getattr(error, "report", None)
+                extra = {"report": found} if found is not None else {}
+                self._end(lease, "failed", f"failed: {problem['detail']}", error=problem, **extra)
             except Exception as error:
                 log.exception("%s %s crashed", model.__name__, subject_id)
                 problem = {"code": "internal_error", "detail": f"{type(error).__name__}: {error}"}

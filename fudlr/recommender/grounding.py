@@ -73,9 +73,14 @@ def catalog_embeddings(
     return embeddings
 
 
-def rank_by_distance(queries: torch.Tensor, catalog: torch.Tensor) -> torch.Tensor:
-    """Catalog indices per query, nearest first; ties keep catalog order (stable sort)."""
+def rank_by_distance(
+    queries: torch.Tensor, catalog: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Catalog indices per query, nearest first; ties keep catalog order (stable sort).
+    `scale` ([items]) multiplies each catalog item's distance (1 = unchanged)."""
     import torch
 
     distances = torch.cdist(queries.double(), catalog.double(), p=2)
+    if scale is not None:
+        distances = distances * scale.double()[None, :]
     return torch.sort(distances, dim=1, stable=True).indices

@@ -7,11 +7,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
 from fudlr.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,20 @@ class Recommender:
         config: RecommendConfig = RecommendConfig(),
         progress: Callable[[int], None] | None = None,
     ) -> Ranked:
+        return self.rank_generations(rows, self.generate(rows, config, progress), config)
+
+    def generate(
+        self,
+        rows: Sequence[SampleRow],
+        config: RecommendConfig = RecommendConfig(),
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """One generated title per row (the expensive part of recommending)."""
         from fudlr.models.device import autocast
-        from fudlr.models.lora import base_model_only
         from fudlr.recommender.generate import generate_completions
-        from fudlr.recommender.grounding import embed_texts, rank_by_distance
 
         with autocast(self.device, config.precision):
-            generations = generate_completions(
+            return generate_completions(
                 self.model,
                 self.tokenizer,
                 [row.prompt for row in rows],
@@ -116,17 +126,31 @@ class Recommender:
                 batch_size=config.batch_size,
                 progress=progress,
             )
+
+    def rank_generations(
+        self,
+        rows: Sequence[SampleRow],
+        generations: Sequence[str],
+        config: RecommendConfig = RecommendConfig(),
+        distance_scale: torch.Tensor | None = None,
+    ) -> Ranked:
+        """Ground generations to rankings of the catalog. `distance_scale` ([items], > 0)
+        multiplies each item's distance: how a reranking baseline penalises item groups."""
+        from fudlr.models.lora import base_model_only
+        from fudlr.recommender.grounding import embed_texts, rank_by_distance
+
         with base_model_only(self.model):
-            queries = embed_texts(self.model, self.tokenizer, generations)
+            queries = embed_texts(self.model, self.tokenizer, list(generations))
+        order = rank_by_distance(queries, self.catalog, distance_scale)
         rankings = []
-        for row, order in zip(rows, rank_by_distance(queries, self.catalog).tolist(), strict=True):
-            items = [self.item_ids[index] for index in order]
+        for row, ranked in zip(rows, order.tolist(), strict=True):
+            items = [self.item_ids[index] for index in ranked]
             if config.exclude_history:
                 seen = set(row.history)
                 items = [item for item in items if item not in seen]
             rankings.append(items[: config.top] if config.top is not None else items)
         exact = [generation in self.catalog_texts for generation in generations]
-        return Ranked(generations, exact, rankings)
+        return Ranked(list(generations), exact, rankings)
 
 
 @dataclass

@@ -30,7 +30,16 @@ REPORT = "report.json"
 
 
 class RepairRejected(FudlrError):
-    """No step size passed the guard (or nothing could be selected); nothing was published."""
+    """No step size passed the guard (or nothing could be selected); nothing was published.
+
+    `report`: what the job found before the guard refused it (the selected samples, the
+    predictions, every attempt), so a rejection can be diagnosed; None when nothing was
+    selected.
+    """
+
+    def __init__(self, reason: str, report: dict | None = None) -> None:
+        super().__init__(reason)
+        self.report = report
 
 
 class DebiasJob:
@@ -311,7 +320,8 @@ class DebiasJob:
         return tracking
 
     def run(self, out_dir: Path) -> dict:
-        """All stages; writes out_dir/adapter and out_dir/report.json only on success."""
+        """All stages; writes out_dir/adapter only on success, out_dir/report.json also when
+        the guard rejects every step (status "rejected", no eta)."""
         from fudlr.repair.guard import verdict
         from fudlr.repair.unlearn import WeightPatcher, save_patched_adapter
 
@@ -337,10 +347,15 @@ class DebiasJob:
         self._lap("guard")
         if accepted is None:
             patcher.restore()
-            raise RepairRejected(
-                "no step size passed the guard: "
-                + "; ".join(f"eta={a['eta']}: {a['reason']}" for a in attempts)
+            reason = "no step size passed the guard: " + "; ".join(
+                f"eta={a['eta']}: {a['reason']}" for a in attempts
             )
+            metrics = {"valid": {"before": before.summary()}}
+            report = self._report(quantities, scores, selection, metrics, attempts, None)
+            report.update(status="rejected", reason=reason, seconds=self.timings)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+            raise RepairRejected(reason, report)
         eta, after = accepted
         metrics = {"valid": {"before": before.summary(), "after": after.summary()}}
         if config.test_users != 0:
@@ -374,7 +389,7 @@ class DebiasJob:
         selection: Selection,
         metrics: dict,
         attempts: list[dict],
-        eta: float,
+        eta: float | None,
     ) -> dict:
         names = quantities.names
         return {

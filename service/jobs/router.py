@@ -85,10 +85,14 @@ def cancel(session: SessionDep, tenant: TenantDep, job_id: str) -> dict:
 @router.get("/{job_id}/report", response_model=dict[str, Any])
 def get_report(session: SessionDep, tenant: TenantDep, job_id: str) -> dict[str, Any]:
     """Selected training samples with their weights and scores, the guard's attempts,
-    metrics before and after."""
+    metrics before and after; also for a job whose repair the guard rejected (its
+    `status` is then "rejected"), so the rejection can be diagnosed."""
     job = owned(session, Job, job_id, tenant, "job")
     if job.report is None:
         raise Problem(
-            409, "report_unavailable", f"job '{job.id}' is {job.state}; only succeeded jobs report"
+            409,
+            "report_unavailable",
+            f"job '{job.id}' is {job.state}; only succeeded jobs and jobs whose repair the "
+            "guard rejected have a report",
         )
     return job.report

@@ -133,8 +133,12 @@ def test_a_rejected_repair_fails_with_its_reason_and_publishes_nothing(
         )
         assert failed.value.job.result_version is None
         assert len(client.versions(recommender)) == versions
-        with pytest.raises(ApiError, match="report_unavailable"):
-            client.report(job.id)
+        report = client.report(job.id)  # what was found, for diagnosis
+        assert report["status"] == "rejected" and report["eta"] is None
+        assert report["reason"] == error.detail
+        assert [a["eta"] for a in report["guard"]] == [1e-6]
+        assert not report["guard"][0]["accepted"] and report["selected"]
+        assert "after" not in report["metrics"]["valid"]
 
 
 def test_a_running_job_is_cancelled_between_batches(cluster: Cluster, recommender: str):

@@ -1,0 +1,125 @@
+"""`make bench`: FUDLR against the retraining and reranking baselines, in one run.
+
+Systems (all SmolLM2-135M-Instruct + LoRA on the same MovieLens-100K bundle and recipe):
+original, IFairLRS reweighting (RW) and reranking (RR), retraining without FUDLR's
+selection, random removal with FUDLR's Newton step, FUDLR, FUDLR on two biases. Writes
+bench/results/<date>.json, latest.json, latest.md and PNG plots in bench/results/plots/.
+`--quick` is a smoke profile; the full one takes hours on a small CPU and says so first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from bench.common import RESULTS, ROOT, commit, machine, prepare_movielens, prepare_smollm2
+from bench.report import fidelity, markdown, plot_all, targets
+from bench.systems import ITEM_ATTRIBUTE, PROFILES, BenchProfile, SystemsBench
+from fudlr.models.device import PRECISIONS, fast_precision
+
+console = Console()
+
+
+def run_and_write(
+    profile: BenchProfile,
+    model_dir: Path,
+    bundle_dir: Path,
+    work: Path,
+    results_dir: Path,
+    port: int = 8799,
+) -> dict[str, Any]:
+    """Run every system, then the service (if the profile asks), and write the results."""
+    bench = SystemsBench(profile, model_dir, bundle_dir, work, console.log)
+    results: dict[str, Any] = {
+        "benchmark": "systems",
+        "profile": profile.name,
+        "date": date.today().isoformat(),
+        "commit": commit(),
+        "machine": machine(),
+        "model": model_dir.name,
+        "k": profile.k,
+        "precision": profile.precision,
+        "num_beams": profile.num_beams,
+        **bench.run(),
+    }
+    if profile.service:
+        from bench.service_run import through_the_service
+
+        console.log("service: register, index, submit the same job over HTTP")
+        config = bench.job_config([f"item:{ITEM_ATTRIBUTE}:MGU@{profile.k}"])
+        results["service"] = through_the_service(
+            model_dir,
+            work / "original",
+            bundle_dir,
+            work,
+            {"curvature_samples": profile.curvature_samples, "precision": profile.precision},
+            [bias.label for bias in config.biases],
+            {
+                "query_users": profile.query_users,
+                "guard_users": profile.guard_users,
+                "test_users": 0,
+                "num_beams": profile.num_beams,
+                "precision": profile.precision,
+            },
+            port,
+        )
+    label = f"item:{ITEM_ATTRIBUTE}:MGU@{profile.k}"
+    results["targets"] = targets(results["systems"], profile.k)
+    results["fidelity"] = fidelity(results["systems"], profile.k, label)
+    write(results, results_dir)
+    return results
+
+
+def write(results: dict[str, Any], results_dir: Path) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2) + "\n"
+    (results_dir / f"{results['date']}-{results['profile']}.json").write_text(text)
+    (results_dir / "latest.json").write_text(text)
+    (results_dir / "latest.md").write_text(markdown(results))
+    for path in plot_all(results, results_dir / "plots", "latest"):
+        console.log(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke profile")
+    parser.add_argument("--work", type=Path, default=ROOT / ".fudlr-bench" / "systems")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    precision = fast_precision()
+    parser.add_argument(
+        "--precision",
+        default=precision,
+        choices=PRECISIONS,
+        help="default: bf16 where the hardware has native bf16 matmuls, else fp32",
+    )
+    parser.add_argument(
+        "--num-beams",
+        type=int,
+        default=5 if precision == "bf16" else 1,
+        help="beam width for every system (default: 5 where bf16 is native, else greedy)",
+    )
+    parser.add_argument("--no-service", action="store_true", help="skip the HTTP service run")
+    parser.add_argument("--port", type=int, default=8799, help="port of the service run")
+    args = parser.parse_args()
+    profile = replace(
+        PROFILES["quick" if args.quick else "full"],
+        precision=args.precision,
+        num_beams=args.num_beams,
+        service=not args.no_service,
+    )
+    console.rule(f"systems benchmark, {profile.name} profile: {profile.estimate}")
+    work: Path = args.work / profile.name
+    bundle_dir = prepare_movielens(work / "bundle", profile.train_size, profile.history_len)
+    model_dir = prepare_smollm2(args.work.parent / "models", console.log)
+    results = run_and_write(profile, model_dir, bundle_dir, work, args.results, args.port)
+    console.print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

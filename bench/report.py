@@ -1,0 +1,262 @@
+"""Reading a systems run: the issue's targets, the influence model's fidelity, a Markdown
+table and the plots (fairness-accuracy plane, group shares, time per system, scaling)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from fudlr.fairness.plot import plot_group_shares
+
+MGU_CUT_TARGET, NDCG_DROP_TARGET, TIME_RATIO_TARGET = 0.30, 0.05, 0.10
+
+
+def at_k(system: Mapping[str, Any], k: int, name: str, report: str = "metrics") -> float:
+    return system[report]["k"][str(k)][name]
+
+
+def _relative(after: float, before: float) -> float | None:
+    return after / before - 1.0 if before else None
+
+
+def targets(systems: Mapping[str, Mapping[str, Any]], k: int) -> dict[str, Any]:
+    """Each of issue 5's targets with the numbers behind it and whether it is met."""
+    original, fudlr, rw = systems["original"], systems["fudlr"], systems["ifairlrs_rw"]
+    mgu_change = _relative(at_k(fudlr, k, "MGU"), at_k(original, k, "MGU"))
+    ndcg_change = _relative(at_k(fudlr, k, "NDCG"), at_k(original, k, "NDCG"))
+    fairness_met = (
+        fudlr["published"]
+        and mgu_change is not None
+        and -mgu_change >= MGU_CUT_TARGET
+        and -(ndcg_change or 0.0) <= NDCG_DROP_TARGET
+    )
+    f_point = (at_k(fudlr, k, "MGU"), at_k(fudlr, k, "NDCG"))
+    rw_point = (at_k(rw, k, "MGU"), at_k(rw, k, "NDCG"))
+    dominated = rw_point[0] <= f_point[0] and rw_point[1] >= f_point[1] and rw_point != f_point
+    ratio = fudlr["seconds"] / original["seconds"]
+    return {
+        f"MGU@{k} cut >= 30% with NDCG@{k} drop <= 5%": {
+            "MGU_change": mgu_change,
+            "NDCG_change": ndcg_change,
+            "published": fudlr["published"],
+            "met": bool(fairness_met),
+        },
+        "not dominated by IFairLRS RW": {
+            "fudlr": {"MGU": f_point[0], "NDCG": f_point[1]},
+            "ifairlrs_rw": {"MGU": rw_point[0], "NDCG": rw_point[1]},
+            "met": not dominated,
+        },
+        "job <= 1/10 of retraining": {
+            "job_seconds": fudlr["seconds"],
+            "retraining_seconds": original["seconds"],
+            "ratio": ratio,
+            "met": ratio <= TIME_RATIO_TARGET,
+        },
+    }
+
+
+def fidelity(systems: Mapping[str, Mapping[str, Any]], k: int, label: str) -> dict[str, Any]:
+    """The influence model's predicted relative change of the bias surrogate and the valid
+    loss, next to the measured change of the hard metric: by the guard on validation users
+    at its first step size, on the test users after the patch, and after retraining
+    without the selection."""
+    fudlr, original = systems["fudlr"], systems["original"]
+    if "predicted" not in fudlr:
+        return {"available": False, "reason": fudlr.get("reason", "no report")}
+    predicted = fudlr["predicted"]
+    first = fudlr["guard"][0]
+    before = fudlr["valid"]["before"]
+    ndcg_key = next(key for key in before if key.startswith("NDCG@"))
+    result: dict[str, Any] = {
+        "available": True,
+        "removed": fudlr["removed"],
+        "predicted_surrogate_change": _relative(
+            predicted[f"{label}:after"], predicted[f"{label}:before"]
+        ),
+        "predicted_valid_loss_change": _relative(
+            predicted["valid_loss:after"], predicted["valid_loss:before"]
+        ),
+        "guard_eta": first["eta"],
+        "guard_bias_change": _relative(first["biases"][label], before["biases"][label]),
+        "guard_ndcg_change": _relative(first[ndcg_key], before[ndcg_key]),
+    }
+    for name in ("fudlr", "retrain_without_s"):
+        system = systems.get(name, {})
+        if system.get("metrics") is None or (name == "fudlr" and not system["published"]):
+            continue
+        result[f"{name}_test_MGU_change"] = _relative(
+            at_k(system, k, "MGU"), at_k(original, k, "MGU")
+        )
+        result[f"{name}_test_NDCG_change"] = _relative(
+            at_k(system, k, "NDCG"), at_k(original, k, "NDCG")
+        )
+    return result
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _shown(name: str, value: Any) -> str:
+    """Relative changes as signed percentages, other numbers with 4 digits, points as pairs."""
+    if value is None:
+        return "–"
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_shown(k, v)}" for k, v in value.items()) + ")"
+    if isinstance(value, float):
+        return f"{value:+.1%}" if "change" in name else f"{value:.4g}"
+    return str(value)
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The results as Markdown: systems, targets, fidelity, scaling."""
+    k, systems = results["k"], results["systems"]
+    lines = [
+        f"# FUDLR vs baselines — {results['profile']} profile, {results['date']}",
+        "",
+        f"{results['model']} + LoRA on MovieLens-100K: {results['train_size']} training "
+        f"windows, {results['test_users']} test users, {results['precision']}, "
+        f"{results['num_beams']} beam(s); commit {results['commit']}; {results['machine']}.",
+        "",
+        f"| system | NDCG@{k} | HR@{k} | MGU@{k} | DGU@{k} | MGU@{k} genres | "
+        f"gender gap NDCG@{k} | seconds | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, system in systems.items():
+        if system.get("metrics") is None:
+            lines.append(f"| {name} | | | | | | | | skipped: {system['skipped']} |")
+            continue
+        note = system.get("work", "")
+        if "published" in system:
+            note = (
+                f"{system.get('removed', 0)} samples unlearned, eta {system['eta']}"
+                if system["published"]
+                else f"not published: {system['reason']}"
+            )
+        if "index_seconds" in system:
+            note += f"; index {system['index_seconds']:.0f}s once per version"
+        lines.append(
+            f"| {name} | {_number(at_k(system, k, 'NDCG'))} | {_number(at_k(system, k, 'HR'))} "
+            f"| {_number(at_k(system, k, 'MGU'))} | {_number(at_k(system, k, 'DGU'))} "
+            f"| {_number(at_k(system, k, 'MGU', 'metrics_genres'))} "
+            f"| {_number(system['metrics']['k'][str(k)]['user_gap']['NDCG'])} "
+            f"| {system['seconds']:.0f} | {note} |"
+        )
+    lines += ["", "## Targets", ""]
+    for name, target in results["targets"].items():
+        details = ", ".join(
+            f"{key} {_shown(key, value)}" for key, value in target.items() if key != "met"
+        )
+        lines.append(f"- {name}: **{'met' if target['met'] else 'not met'}** ({details})")
+    lines += ["", "## Fidelity (relative changes)", ""]
+    for name, value in results["fidelity"].items():
+        lines.append(f"- {name}: {_shown(name, value)}")
+    lines += [
+        "",
+        "## Scaling",
+        "",
+        "| training samples | retraining s | index s | job s |",
+        "|---|---|---|---|",
+    ]
+    for point in results["scaling"]:
+        lines.append(
+            f"| {point['train_size']} | {point['retraining_seconds']:.0f} "
+            f"| {point['index_seconds']:.0f} | {point['job_seconds']:.0f} |"
+        )
+    if results.get("service"):
+        service = results["service"]
+        lines += [
+            "",
+            f"Through the HTTP service: index {service['index_seconds']:.0f}s, job "
+            f"{service['job_seconds']:.0f}s ({service['state']}) against "
+            f"{systems['fudlr']['seconds']:.0f}s for the same job run directly.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(width: float = 7.0, height: float = 4.5) -> tuple[Figure, Any]:
+    figure = Figure(figsize=(width, height))
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=150)
+    return path
+
+
+def plot_plane(results: Mapping[str, Any], path: Path) -> Path:
+    """Every system as a point: unfairness (MGU@K, lower is better) against NDCG@K."""
+    k = results["k"]
+    figure, axes = _figure()
+    for name, system in results["systems"].items():
+        if system.get("metrics") is None:
+            continue
+        x, y = at_k(system, k, "MGU"), at_k(system, k, "NDCG")
+        axes.scatter([x], [y], s=40)
+        axes.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_xlabel(f"MGU@{k} of popularity groups (lower is fairer)")
+    axes.set_ylabel(f"NDCG@{k} (higher is more accurate)")
+    axes.set_title(f"fairness-accuracy plane, test split ({results['profile']} profile)")
+    axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_shares(results: Mapping[str, Any], path: Path) -> Path:
+    k = results["k"]
+    measured = {n: s for n, s in results["systems"].items() if s.get("metrics") is not None}
+    history = next(iter(measured.values()))["metrics"]["k"][str(k)]["GH"]
+    return plot_group_shares(
+        history,
+        {name: system["metrics"]["k"][str(k)]["GP"] for name, system in measured.items()},
+        title=f"popularity groups: history vs top-{k} recommendations per system (test)",
+        path=path,
+        xlabel="popularity group (0 = least popular)",
+    )
+
+
+def plot_times(results: Mapping[str, Any], path: Path) -> Path:
+    """Seconds of each system's own work; FUDLR's index (once per adapter version) apart."""
+    bars = {n: s["seconds"] for n, s in results["systems"].items() if s.get("seconds") is not None}
+    bars["fudlr index (once)"] = results["systems"]["fudlr"]["index_seconds"]
+    figure, axes = _figure()
+    axes.barh(list(bars), list(bars.values()))
+    axes.set_xscale("log")
+    axes.set_xlabel("seconds (log scale)")
+    axes.invert_yaxis()
+    axes.set_title(f"time per system ({results['profile']} profile)")
+    axes.grid(axis="x", alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_scaling(results: Mapping[str, Any], path: Path) -> Path:
+    points = results["scaling"]
+    sizes = [point["train_size"] for point in points]
+    figure, axes = _figure()
+    for key, label in (
+        ("retraining_seconds", "retraining"),
+        ("index_seconds", "index (once per version)"),
+        ("job_seconds", "debias job"),
+    ):
+        axes.plot(sizes, [point[key] for point in points], marker="o", label=label)
+    axes.set_xlabel("training samples")
+    axes.set_ylabel("seconds")
+    axes.set_title("what grows with the training set")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_all(results: Mapping[str, Any], folder: Path, prefix: str) -> list[Path]:
+    return [
+        plot_plane(results, folder / f"{prefix}-plane.png"),
+        plot_shares(results, folder / f"{prefix}-shares.png"),
+        plot_times(results, folder / f"{prefix}-times.png"),
+        plot_scaling(results, folder / f"{prefix}-scaling.png"),
+    ]

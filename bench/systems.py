@@ -1,0 +1,401 @@
+"""Issue 5's systems, all from one base model, bundle and recipe, measured on one test subset.
+
+`SystemsBench.run()` trains the original recommender and then each competitor in turn —
+IFairLRS reweighting (retrain), IFairLRS reranking (no training), FUDLR (index + job),
+retraining without FUDLR's selection, the same Newton step on random samples, FUDLR on
+two biases — measuring every one on the same test users with the same decoding, and
+timing each system's own work. Then the scaling sweep (index and job time against n)
+and, optionally, the same job through the HTTP service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fudlr.baselines.rerank import ALPHAS, Candidate, choose_alpha, distance_scale, group_bias
+from fudlr.baselines.reweight import ifairlrs_weights
+from fudlr.data.bundle import Bundle
+from fudlr.fairness.groups import item_groups
+from fudlr.fairness.metrics import evaluate
+from fudlr.influence.index import IndexConfig, build_index, training_samples
+from fudlr.recommender.recommend import RecommendConfig, Recommender
+from fudlr.recommender.train import TrainConfig, train_adapter
+from fudlr.repair.config import DebiasConfig, subset
+from fudlr.repair.pipeline import DebiasJob, RepairRejected
+from fudlr.repair.spec import BiasSpec
+
+SYSTEMS = (
+    "original",
+    "ifairlrs_rw",
+    "ifairlrs_rr",
+    "retrain_without_s",
+    "random_removal",
+    "fudlr",
+    "fudlr_multi",
+)
+ITEM_ATTRIBUTE, GENRES, USER_ATTRIBUTE = "popularity_group", "genres", "gender"
+
+
+@dataclass(frozen=True)
+class BenchProfile:
+    """Sizes and settings of one benchmark run.
+
+    train_size: training windows of the bundle (every system's training set).
+    scaling_sizes: training-set sizes at which retraining, index and job are timed; sizes
+    below train_size train their own adapter on a fixed-seed subset.
+    test_users: test users every system is measured on (None = all).
+    guard_users: validation users of FUDLR's guard and of the reranking's α tuning.
+    query_users: validation users behind FUDLR's queries.
+    curvature_samples: training samples behind the index's curvature factors.
+    k: the K of the targets (MGU@K, NDCG@K); ks: every K reported.
+    num_beams, precision: decoding and arithmetic, the same for every system.
+    epochs, learning_rate, history_len: the training recipe and prompt length.
+    max_ndcg_drop: the accuracy budget of FUDLR's guard and of the reranking's α.
+    service: also run FUDLR's job through the HTTP service (register, index, submit).
+    estimate: how long the profile takes on the 2-core reference machine (said up front).
+    """
+
+    name: str
+    train_size: int
+    scaling_sizes: tuple[int, ...]
+    test_users: int | None
+    guard_users: int
+    query_users: int
+    curvature_samples: int
+    estimate: str
+    k: int = 5
+    ks: tuple[int, ...] = (1, 5, 10)
+    num_beams: int = 5
+    precision: str = "fp32"
+    epochs: int = 1
+    learning_rate: float = 3e-3
+    history_len: int = 5
+    max_ndcg_drop: float = 0.05
+    service: bool = True
+    seed: int = 0
+
+
+PROFILES = {
+    "quick": BenchProfile(
+        name="quick",
+        train_size=256,
+        scaling_sizes=(64, 128, 256),
+        test_users=100,
+        guard_users=64,
+        query_users=32,
+        curvature_samples=128,
+        estimate="about 45 minutes on 2 CPU cores",
+    ),
+    "full": BenchProfile(
+        name="full",
+        train_size=1500,
+        scaling_sizes=(375, 750, 1500),
+        test_users=None,
+        guard_users=256,
+        query_users=64,
+        curvature_samples=256,
+        estimate="about 4 hours on 2 CPU cores (most of it generation for 943 test users x 7)",
+    ),
+}
+
+Log = Callable[[str], None]
+
+
+def _clock() -> float:
+    return time.perf_counter()
+
+
+class SystemsBench:
+    """One run of every system; `run()` returns the results JSON (without plots)."""
+
+    def __init__(
+        self, profile: BenchProfile, model_dir: Path, bundle_dir: Path, work: Path, log: Log
+    ) -> None:
+        self.profile, self.model_dir, self.work, self.log = profile, model_dir, work, log
+        self.bundle = Bundle.load(bundle_dir)
+        self.recipe = TrainConfig(
+            epochs=profile.epochs, learning_rate=profile.learning_rate, precision=profile.precision
+        )
+        self.decoding = RecommendConfig(num_beams=profile.num_beams, precision=profile.precision)
+        self.test_rows = subset(self.bundle.split("test"), profile.test_users, profile.seed + 2)
+        # the guard's users (DebiasConfig.seed + 1): the reranking is tuned on the same ones
+        self.valid_rows = subset(self.bundle.split("valid"), profile.guard_users, profile.seed + 1)
+        self.popularity = item_groups(self.bundle.items, ITEM_ATTRIBUTE)
+        self.systems: dict[str, dict[str, Any]] = {}
+
+    # --- measuring -------------------------------------------------------------------------
+
+    def metrics(self, rankings: dict[str, list[str]]) -> dict[str, Any]:
+        """Test metrics by popularity groups (with the gender gap) and by genres."""
+        ks, rows = self.profile.ks, self.test_rows
+        return {
+            "metrics": evaluate(
+                self.bundle, "test", rankings, ks, ITEM_ATTRIBUTE, USER_ATTRIBUTE, rows=rows
+            ),
+            "metrics_genres": evaluate(
+                self.bundle, "test", rankings, ks, GENRES, USER_ATTRIBUTE, rows=rows
+            ),
+        }
+
+    def measure(self, recommender: Recommender, label: str) -> dict[str, Any]:
+        self.log(f"{label}: recommending for {len(self.test_rows)} test users")
+        ranked = recommender.rank(self.test_rows, self.decoding)
+        return {
+            **self.metrics(ranked.by_user(self.test_rows)),
+            "exact_titles": ranked.exact_matches,
+        }
+
+    def measure_adapter(self, adapter: Path, label: str) -> dict[str, Any]:
+        recommender = Recommender.load(self.model_dir, adapter, self.bundle)
+        return self.measure(recommender, label)
+
+    def train(self, name: str, **changes: Any) -> tuple[Path, float]:
+        out = self.work / name
+        self.log(f"{name}: training")
+        recipe = replace(self.recipe, **{k: v for k, v in changes.items() if k != "weights"})
+        report = train_adapter(
+            self.model_dir, self.bundle, out, recipe, weights=changes.get("weights")
+        )
+        return out, report.seconds
+
+    # --- the systems ----------------------------------------------------------------------
+
+    def original(self) -> Path:
+        adapter, seconds = self.train("original")
+        self.recommender = Recommender.load(self.model_dir, adapter, self.bundle)
+        self.log(f"original: generating for {len(self.test_rows)} test users")
+        self.test_generations = self.recommender.generate(self.test_rows, self.decoding)
+        ranked = self.recommender.rank_generations(
+            self.test_rows, self.test_generations, self.decoding
+        )
+        self.systems["original"] = {
+            **self.metrics(ranked.by_user(self.test_rows)),
+            "exact_titles": ranked.exact_matches,
+            "seconds": seconds,
+            "work": "one fine-tuning run (the recipe every retraining repeats)",
+        }
+        return adapter
+
+    def ifairlrs_rw(self, original: Path) -> None:
+        samples = training_samples(self.bundle, original)
+        weights = ifairlrs_weights(samples, self.popularity)
+        adapter, seconds = self.train("ifairlrs_rw", weights=weights)
+        self.systems["ifairlrs_rw"] = {
+            **self.measure_adapter(adapter, "ifairlrs_rw"),
+            "seconds": seconds,
+            "work": "one fine-tuning run with IFairLRS sample weights",
+            "weight_range": [min(weights.values()), max(weights.values())],
+        }
+
+    def ifairlrs_rr(self) -> None:
+        """α tuned on the validation users from the original's generations; applied to the
+        test generations the original already made (reranking needs no new generation)."""
+        k, started = self.profile.k, _clock()
+        self.log(f"ifairlrs_rr: tuning alpha on {len(self.valid_rows)} validation users")
+        generations = self.recommender.generate(self.valid_rows, self.decoding)
+        item_ids = self.recommender.item_ids
+
+        def valid_at(alpha: float, bias: dict[str, float]) -> tuple[Candidate, dict]:
+            scale = distance_scale(item_ids, self.popularity, bias, alpha)
+            ranked = self.recommender.rank_generations(
+                self.valid_rows, generations, self.decoding, scale
+            )
+            report = evaluate(
+                self.bundle,
+                "valid",
+                ranked.by_user(self.valid_rows),
+                [k],
+                ITEM_ATTRIBUTE,
+                USER_ATTRIBUTE,
+                rows=self.valid_rows,
+            )["k"][str(k)]
+            return Candidate(alpha, report["MGU"], report["NDCG"]), report
+
+        no_bias = dict.fromkeys(self.popularity.names, 0.0)
+        original = valid_at(0.0, no_bias)[1]
+        bias = group_bias(original["GP"], original["GH"])
+        candidates = [valid_at(alpha, bias)[0] for alpha in ALPHAS]
+        chosen = choose_alpha(candidates, self.profile.max_ndcg_drop)
+        scale = distance_scale(item_ids, self.popularity, bias, chosen.alpha)
+        ranked = self.recommender.rank_generations(
+            self.test_rows, self.test_generations, self.decoding, scale
+        )
+        self.systems["ifairlrs_rr"] = {
+            **self.metrics(ranked.by_user(self.test_rows)),
+            "exact_titles": ranked.exact_matches,
+            "seconds": _clock() - started,
+            "work": "validation generation and the alpha search (no training)",
+            "alpha": chosen.alpha,
+            "group_bias": bias,
+            "candidates": [asdict(c) for c in candidates],
+        }
+
+    def index(self, adapter: Path, out: Path) -> float:
+        started = _clock()
+        config = IndexConfig(
+            curvature_samples=self.profile.curvature_samples, precision=self.profile.precision
+        )
+        build_index(self.model_dir, adapter, self.bundle, out, config)
+        return _clock() - started
+
+    def job_config(self, biases: Sequence[str]) -> DebiasConfig:
+        profile = self.profile
+        return DebiasConfig(
+            biases=tuple(BiasSpec.parse(bias) for bias in biases),
+            query_users=profile.query_users,
+            guard_users=profile.guard_users,
+            max_ndcg_drop=profile.max_ndcg_drop,
+            test_users=0,  # the benchmark measures the test users itself, like every system
+            recommend=self.decoding,
+            seed=profile.seed,
+        )
+
+    def debias(
+        self, name: str, adapter: Path, index: Path, biases: Sequence[str]
+    ) -> tuple[DebiasJob, dict | None]:
+        """One debias job, timed from loading to the written adapter (the index is built)."""
+        self.log(f"{name}: debias job {', '.join(biases)}")
+        started = _clock()
+        job = DebiasJob(self.model_dir, adapter, self.bundle, index, self.job_config(biases))
+        out = self.work / name
+        try:
+            report, published = job.run(out), True
+        except RepairRejected as rejected:
+            report, published = rejected.report, False
+            self.log(f"{name}: {rejected}")
+        seconds = _clock() - started
+        entry: dict[str, Any] = {
+            "seconds": seconds,
+            "work": "the debias job alone (index already built)",
+            "published": published,
+            "job_stages": report["seconds"] if report else job.timings,
+        }
+        if published:
+            entry.update(self.measure_adapter(out / "adapter", name))
+            entry["eta"] = report["eta"]
+        else:  # nothing was published: users keep the original adapter and its metrics
+            original = self.systems["original"]
+            entry.update(metrics=original["metrics"], metrics_genres=original["metrics_genres"])
+            entry["reason"] = report["reason"] if report else "no sample selected"
+        if report:
+            entry["removed"] = len(report["selected"])
+            entry["predicted"] = report["predicted"]
+            entry["guard"] = report["guard"]
+            entry["valid"] = report["metrics"]["valid"]
+        self.systems[name] = entry
+        return job, report
+
+    def retrain_without(self, selected: list[str]) -> None:
+        """From scratch with the selected samples' weights at 0: every other sample sees the
+        same batches in the same order, so the difference is S's alone (AdamW ignores the
+        loss's (n-|S|)/n scale)."""
+        adapter, seconds = self.train("retrain_without_s", weights=dict.fromkeys(selected, 0.0))
+        self.systems["retrain_without_s"] = {
+            **self.measure_adapter(adapter, "retrain_without_s"),
+            "seconds": seconds,
+            "work": "one fine-tuning run without FUDLR's selection",
+            "removed": len(selected),
+        }
+
+    def random_removal(self, job: DebiasJob, count: int, eta: float) -> None:
+        """The same Newton step and η as FUDLR's, on `count` random training samples."""
+        from fudlr.repair.mask import Selection
+        from fudlr.repair.unlearn import WeightPatcher
+
+        started = _clock()
+        n = job.index.samples
+        chosen = sorted(random.Random(self.profile.seed).sample(range(n), count))
+        weights = torch.zeros(n, dtype=torch.float64)
+        weights[chosen] = 1.0
+        patcher = WeightPatcher(job.model, job.newton_step(Selection(chosen, weights, {}, [])))
+        patcher.apply(eta)
+        seconds = _clock() - started
+        try:
+            measured = self.measure(job.recommender, "random_removal")
+        finally:
+            patcher.restore()
+        self.systems["random_removal"] = {
+            **measured,
+            "seconds": seconds,
+            "work": "gradients of the random samples and the Newton step",
+            "removed": count,
+            "eta": eta,
+        }
+
+    def skipped(self, name: str, reason: str) -> None:
+        self.log(f"{name}: skipped: {reason}")
+        self.systems[name] = {"skipped": reason, "metrics": None, "seconds": None}
+
+    # --- the run -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        profile, k = self.profile, self.profile.k
+        original = self.original()
+        self.ifairlrs_rr()
+        self.ifairlrs_rw(original)
+        index_dir = self.work / "index"
+        index_seconds = self.index(original, index_dir)
+        item_bias, user_bias = f"item:{ITEM_ATTRIBUTE}:MGU@{k}", f"user:{USER_ATTRIBUTE}:NDCG@{k}"
+        job, report = self.debias("fudlr", original, index_dir, [item_bias])
+        self.systems["fudlr"]["index_seconds"] = index_seconds
+        selected = [row["sample_id"] for row in report["selected"]] if report else []
+        if selected:
+            self.retrain_without(selected)
+            self.random_removal(job, len(selected), report["eta"] or 1.0)
+        else:
+            self.skipped("retrain_without_s", "FUDLR selected no sample")
+            self.skipped("random_removal", "FUDLR selected no sample")
+        del job
+        self.debias("fudlr_multi", original, index_dir, [item_bias, user_bias])
+        self.systems["fudlr_multi"]["index_seconds"] = index_seconds
+        scaling = self.scaling(index_seconds)
+        return {
+            "train_size": len(self.bundle.split("train")),
+            "test_users": len(self.test_rows),
+            "valid_users": len(self.valid_rows),
+            "systems": {name: self.systems[name] for name in SYSTEMS},
+            "scaling": scaling,
+            "profile_settings": asdict(profile),
+        }
+
+    def scaling(self, index_seconds: float) -> list[dict[str, Any]]:
+        """Retraining, index and job time at each size; the largest is the main run's."""
+        points = []
+        n = len(self.bundle.split("train"))
+        biases = [f"item:{ITEM_ATTRIBUTE}:MGU@{self.profile.k}"]
+        for size in self.profile.scaling_sizes:
+            if size >= n:
+                fudlr = self.systems["fudlr"]
+                retraining = self.systems["original"]["seconds"]
+                job_seconds, stages = fudlr["seconds"], fudlr["job_stages"]
+                size_index = index_seconds
+            else:
+                name = f"scaling-{size}"
+                adapter, retraining = self.train(name, max_samples=size)
+                index = self.work / f"{name}-index"
+                size_index = self.index(adapter, index)
+                started = _clock()
+                job = DebiasJob(
+                    self.model_dir, adapter, self.bundle, index, self.job_config(biases)
+                )
+                with contextlib.suppress(RepairRejected):  # the time is what is measured
+                    job.run(self.work / f"{name}-job")
+                job_seconds, stages = _clock() - started, job.timings
+            points.append(
+                {
+                    "train_size": min(size, n),
+                    "retraining_seconds": retraining,
+                    "index_seconds": size_index,
+                    "job_seconds": job_seconds,
+                    "job_stages": stages,
+                }
+            )
+        return points

@@ -1,0 +1,73 @@
+"""The systems benchmark end to end on the tiny model: every system, the service, the files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.compare import run_and_write
+from bench.report import markdown
+from bench.systems import SYSTEMS, BenchProfile
+from fudlr.fairness.metrics import DEFAULT_KS
+from tests.conftest import planted_bundle
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_benchmark_runs_every_system_and_writes_its_results(
+    tmp_path: Path, tiny_model: Path, tiny_bundle: Path
+):
+    bundle = planted_bundle(tiny_bundle, tmp_path / "bundle", copies=60)
+    profile = BenchProfile(
+        name="tiny",
+        train_size=10_000,
+        scaling_sizes=(40, 10_000),
+        test_users=None,
+        guard_users=12,
+        query_users=12,
+        curvature_samples=32,
+        estimate="seconds",
+        k=1,
+        num_beams=2,
+        epochs=3,
+        learning_rate=3e-2,
+        max_ndcg_drop=0.5,
+    )
+    results = run_and_write(profile, tiny_model, bundle, tmp_path / "work", tmp_path / "results")
+
+    systems = results["systems"]
+    assert list(systems) == list(SYSTEMS)
+    fudlr = systems["fudlr"]
+    assert fudlr["removed"] > 0, "the planted block must be selected for the comparison"
+    for name, system in systems.items():
+        assert system["seconds"] > 0, name
+        assert set(system["metrics"]["k"]) == {str(k) for k in DEFAULT_KS}, name
+        assert system["metrics"]["item_groups"] == "popularity_group"
+        assert system["metrics_genres"]["item_groups"] == "genres"
+    assert systems["retrain_without_s"]["removed"] == fudlr["removed"]
+    assert systems["random_removal"]["removed"] == fudlr["removed"]
+    assert fudlr["index_seconds"] > 0 and systems["fudlr_multi"]["index_seconds"] > 0
+    assert systems["fudlr_multi"]["predicted"].keys() >= {
+        "item:popularity_group:MGU@1:after",
+        "user:gender:NDCG@1:after",
+    }
+    rr = systems["ifairlrs_rr"]
+    assert rr["candidates"][0]["alpha"] == 0.0 and rr["alpha"] in {
+        c["alpha"] for c in rr["candidates"]
+    }
+    if rr["alpha"] == 0.0:  # no reranking chosen: exactly the original's lists
+        assert rr["metrics"] == systems["original"]["metrics"]
+
+    ratio = results["targets"]["job <= 1/10 of retraining"]["ratio"]
+    assert ratio == fudlr["seconds"] / systems["original"]["seconds"]
+    assert all(isinstance(target["met"], bool) for target in results["targets"].values())
+    assert results["fidelity"]["available"] and results["fidelity"]["removed"] == fudlr["removed"]
+    assert [p["train_size"] for p in results["scaling"]] == [40, results["train_size"]]
+    assert results["service"]["state"] in {"succeeded", "failed"}
+    assert results["service"]["job_seconds"] > 0
+
+    folder = tmp_path / "results"
+    assert json.loads((folder / "latest.json").read_text()) == json.loads(json.dumps(results))
+    assert (folder / "latest.md").read_text() == markdown(results)
+    for name in ("plane", "shares", "times", "scaling"):
+        assert (folder / "plots" / f"latest-{name}.png").read_bytes().startswith(PNG)
