@@ -48,18 +48,31 @@ def run_and_write(
         "num_beams": profile.num_beams,
         **bench.run(),
     }
+    label = f"item:{ITEM_ATTRIBUTE}:MGU@{profile.k}"
     if profile.service:
-        from bench.service_run import through_the_service
+        results["service"] = service(profile, model_dir, bundle_dir, work, label, port)
+    results["targets"] = targets(results["systems"], profile.k)
+    results["fidelity"] = fidelity(results["systems"], profile.k, label)
+    write(results, results_dir)
+    return results
 
-        console.log("service: register, index, submit the same job over HTTP")
-        config = bench.job_config([f"item:{ITEM_ATTRIBUTE}:MGU@{profile.k}"])
-        results["service"] = through_the_service(
+
+def service(
+    profile: BenchProfile, model_dir: Path, bundle_dir: Path, work: Path, bias: str, port: int
+) -> dict[str, Any]:
+    """The FUDLR job through `fudlr serve`; a failure is recorded, not fatal (the systems'
+    results took far longer to get)."""
+    from bench.service_run import through_the_service
+
+    console.log("service: register, index, submit the same job over HTTP")
+    try:
+        return through_the_service(
             model_dir,
             work / "original",
             bundle_dir,
             work,
             {"curvature_samples": profile.curvature_samples, "precision": profile.precision},
-            [bias.label for bias in config.biases],
+            [bias],
             {
                 "query_users": profile.query_users,
                 "guard_users": profile.guard_users,
@@ -69,11 +82,9 @@ def run_and_write(
             },
             port,
         )
-    label = f"item:{ITEM_ATTRIBUTE}:MGU@{profile.k}"
-    results["targets"] = targets(results["systems"], profile.k)
-    results["fidelity"] = fidelity(results["systems"], profile.k, label)
-    write(results, results_dir)
-    return results
+    except Exception as error:
+        console.log(f"service run failed: {type(error).__name__}: {error}")
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def write(results: dict[str, Any], results_dir: Path) -> None:

@@ -167,8 +167,10 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"| {point['train_size']} | {point['retraining_seconds']:.0f} "
             f"| {point['index_seconds']:.0f} | {point['job_seconds']:.0f} |"
         )
-    if results.get("service"):
-        service = results["service"]
+    service = results.get("service")
+    if service and "error" in service:
+        lines += ["", f"The run through the HTTP service failed: {service['error']}"]
+    elif service:
         lines += [
             "",
             f"Through the HTTP service: index {service['index_seconds']:.0f}s, job "

@@ -11,6 +11,7 @@ and, optionally, the same job through the HTTP service.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -131,6 +132,13 @@ class SystemsBench:
         self.popularity = item_groups(self.bundle.items, ITEM_ATTRIBUTE)
         self.systems: dict[str, dict[str, Any]] = {}
 
+    def record(self, name: str, entry: dict[str, Any]) -> None:
+        """Keep a system's results, and on disk at once: a late failure loses no system."""
+        self.systems[name] = entry
+        partial = self.work / "systems.partial.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(self.systems, indent=2) + "\n")
+
     # --- measuring -------------------------------------------------------------------------
 
     def metrics(self, rankings: dict[str, list[str]]) -> dict[str, Any]:
@@ -176,24 +184,30 @@ class SystemsBench:
         ranked = self.recommender.rank_generations(
             self.test_rows, self.test_generations, self.decoding
         )
-        self.systems["original"] = {
-            **self.metrics(ranked.by_user(self.test_rows)),
-            "exact_titles": ranked.exact_matches,
-            "seconds": seconds,
-            "work": "one fine-tuning run (the recipe every retraining repeats)",
-        }
+        self.record(
+            "original",
+            {
+                **self.metrics(ranked.by_user(self.test_rows)),
+                "exact_titles": ranked.exact_matches,
+                "seconds": seconds,
+                "work": "one fine-tuning run (the recipe every retraining repeats)",
+            },
+        )
         return adapter
 
     def ifairlrs_rw(self, original: Path) -> None:
         samples = training_samples(self.bundle, original)
         weights = ifairlrs_weights(samples, self.popularity)
         adapter, seconds = self.train("ifairlrs_rw", weights=weights)
-        self.systems["ifairlrs_rw"] = {
-            **self.measure_adapter(adapter, "ifairlrs_rw"),
-            "seconds": seconds,
-            "work": "one fine-tuning run with IFairLRS sample weights",
-            "weight_range": [min(weights.values()), max(weights.values())],
-        }
+        self.record(
+            "ifairlrs_rw",
+            {
+                **self.measure_adapter(adapter, "ifairlrs_rw"),
+                "seconds": seconds,
+                "work": "one fine-tuning run with IFairLRS sample weights",
+                "weight_range": [min(weights.values()), max(weights.values())],
+            },
+        )
 
     def ifairlrs_rr(self) -> None:
         """α tuned on the validation users from the original's generations; applied to the
@@ -228,15 +242,18 @@ class SystemsBench:
         ranked = self.recommender.rank_generations(
             self.test_rows, self.test_generations, self.decoding, scale
         )
-        self.systems["ifairlrs_rr"] = {
-            **self.metrics(ranked.by_user(self.test_rows)),
-            "exact_titles": ranked.exact_matches,
-            "seconds": _clock() - started,
-            "work": "validation generation and the alpha search (no training)",
-            "alpha": chosen.alpha,
-            "group_bias": bias,
-            "candidates": [asdict(c) for c in candidates],
-        }
+        self.record(
+            "ifairlrs_rr",
+            {
+                **self.metrics(ranked.by_user(self.test_rows)),
+                "exact_titles": ranked.exact_matches,
+                "seconds": _clock() - started,
+                "work": "validation generation and the alpha search (no training)",
+                "alpha": chosen.alpha,
+                "group_bias": bias,
+                "candidates": [asdict(c) for c in candidates],
+            },
+        )
 
     def index(self, adapter: Path, out: Path) -> float:
         started = _clock()
@@ -290,7 +307,7 @@ class SystemsBench:
             entry["predicted"] = report["predicted"]
             entry["guard"] = report["guard"]
             entry["valid"] = report["metrics"]["valid"]
-        self.systems[name] = entry
+        self.record(name, entry)
         return job, report
 
     def retrain_without(self, selected: list[str]) -> None:
@@ -298,12 +315,15 @@ class SystemsBench:
         same batches in the same order, so the difference is S's alone (AdamW ignores the
         loss's (n-|S|)/n scale)."""
         adapter, seconds = self.train("retrain_without_s", weights=dict.fromkeys(selected, 0.0))
-        self.systems["retrain_without_s"] = {
-            **self.measure_adapter(adapter, "retrain_without_s"),
-            "seconds": seconds,
-            "work": "one fine-tuning run without FUDLR's selection",
-            "removed": len(selected),
-        }
+        self.record(
+            "retrain_without_s",
+            {
+                **self.measure_adapter(adapter, "retrain_without_s"),
+                "seconds": seconds,
+                "work": "one fine-tuning run without FUDLR's selection",
+                "removed": len(selected),
+            },
+        )
 
     def random_removal(self, job: DebiasJob, count: int, eta: float) -> None:
         """The same Newton step and η as FUDLR's, on `count` random training samples."""
@@ -322,17 +342,20 @@ class SystemsBench:
             measured = self.measure(job.recommender, "random_removal")
         finally:
             patcher.restore()
-        self.systems["random_removal"] = {
-            **measured,
-            "seconds": seconds,
-            "work": "gradients of the random samples and the Newton step",
-            "removed": count,
-            "eta": eta,
-        }
+        self.record(
+            "random_removal",
+            {
+                **measured,
+                "seconds": seconds,
+                "work": "gradients of the random samples and the Newton step",
+                "removed": count,
+                "eta": eta,
+            },
+        )
 
     def skipped(self, name: str, reason: str) -> None:
         self.log(f"{name}: skipped: {reason}")
-        self.systems[name] = {"skipped": reason, "metrics": None, "seconds": None}
+        self.record(name, {"skipped": reason, "metrics": None, "seconds": None})
 
     # --- the run -------------------------------------------------------------------------
 

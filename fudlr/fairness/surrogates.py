@@ -74,13 +74,20 @@ def sample_pools(
     per_stratum: int,
     seed: int,
     neighborhoods: Mapping[str, Sequence[str]] | None = None,
+    anchors: Sequence[Sequence[str]] | None = None,
 ) -> list[Pool]:
-    """Per user, up to `per_stratum` items of every stratum (first group of each item).
+    """Per user, its anchors plus up to `per_stratum` other items of every stratum (first
+    group of each item).
 
     `neighborhoods`: for each item, the top-K list that grounding produces when the
     generation is exactly that item's title (the item, then its nearest titles). An
     item's membership row then counts the groups of that whole list, so the surrogate
     models GP@K rather than only the first recommendation. None means K = 1.
+    `anchors`: per user, items always in the pool with weight 1 — the recommender's own
+    grounded recommendation. A fine-tuned model puts most of its probability on a few
+    titles; a pool of random titles alone would estimate its distribution from the tail.
+    The strata are then sampled among the remaining items, so the estimate of the sum
+    over the catalog stays unbiased.
     """
     strata: dict[str, list[str]] = defaultdict(list)
     for item_id, names in groups.members.items():
@@ -89,10 +96,11 @@ def sample_pools(
     column = {name: index for index, name in enumerate(groups.names)}
     rng = random.Random(seed)
     pools = []
-    for _row in rows:
-        items, log_weights = [], []
+    for position, _row in enumerate(rows):
+        fixed = list(dict.fromkeys(anchors[position])) if anchors is not None else []
+        items, log_weights = list(fixed), [0.0] * len(fixed)
         for name in sorted(strata):
-            members = strata[name]
+            members = [item for item in strata[name] if item not in fixed]
             chosen = rng.sample(members, min(per_stratum, len(members)))
             items += chosen
             log_weights += [math.log(len(members) / len(chosen))] * len(chosen)
@@ -130,6 +138,43 @@ def user_item_shares(
     """One user's expected group shares of the next recommendation, [G], differentiable."""
     scores = score_completions(model, tokenizer, prompt, [completions[i] for i in pool.items])
     return shares_from_scores(scores, pool, temperature)
+
+
+TEMPERATURES = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def calibrate_temperature(
+    model: torch.nn.Module,
+    tokenizer,
+    rows: Sequence[SampleRow],
+    pools: Sequence[Pool],
+    completions: dict[str, str],
+    measured: torch.Tensor,
+    grid: Sequence[float] = TEMPERATURES,
+) -> tuple[float, dict[float, float]]:
+    """The temperature whose surrogate shares come nearest (L1) to `measured`, the hard
+    GP@K of the same users, with the distance at every temperature tried.
+
+    How peaked a model's distribution over titles is depends on the model: a fine-tuned
+    LLM puts its mass on a few titles, which decoding then picks; a weak one spreads it
+    over the catalog. The temperature at which the surrogate reproduces what decoding
+    actually recommends is the one at which its gradient speaks about those recommendations.
+    """
+    with torch.no_grad():
+        scores = [
+            score_completions(model, tokenizer, row.prompt, [completions[i] for i in pool.items])
+            .float()
+            .cpu()
+            for row, pool in zip(rows, pools, strict=True)
+        ]
+    distances = {}
+    for temperature in grid:
+        shares = sum(
+            shares_from_scores(user_scores, pool, temperature).double()
+            for user_scores, pool in zip(scores, pools, strict=True)
+        ) / len(rows)
+        distances[temperature] = float((shares - measured.double()).abs().sum())
+    return min(distances, key=lambda t: distances[t]), distances
 
 
 def mean_item_shares(

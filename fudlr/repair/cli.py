@@ -37,6 +37,12 @@ def debias(
         None, min=0, help="Test users measured before/after (default all; 0 skips)."
     ),
     pool_per_group: int = typer.Option(4, min=1, help="Items scored per user and group."),
+    anchored_pools: bool = typer.Option(
+        True, help="Put each query user's own grounded recommendation in its pool."
+    ),
+    temperature: float = typer.Option(
+        None, min=1e-3, help="Of the surrogate's distribution (default: calibrated per job)."
+    ),
     num_beams: int = typer.Option(5, min=1, help="Beam width of the hard recommendations."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for generation."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -58,6 +64,8 @@ def debias(
         test_users=test_users,
         max_ndcg_drop=max_ndcg_drop,
         pool_per_group=pool_per_group,
+        anchored_pools=anchored_pools,
+        temperature=temperature,
         recommend=RecommendConfig(num_beams=num_beams, precision=precision),
     )
     data = Bundle.load(bundle)

@@ -59,7 +59,11 @@ class DebiasConfig:
 
     query_users: validation users whose surrogates define the fairness and accuracy
     queries. pool_per_group: items scored per user and stratum (item biases).
-    temperature: of the surrogate's recommendation distribution. guard_users: validation
+    anchored_pools: put each query user's own grounded recommendation in its pool, so the
+    surrogate sees the titles the model actually recommends (DESIGN.md §4).
+    temperature: of the surrogate's recommendation distribution; None = calibrated per job,
+    the one at which the surrogate's shares best match the query users' measured GP@K.
+    guard_users: validation
     users on which the guard measures the hard metrics (None = all). max_ndcg_drop:
     largest relative NDCG drop the guard accepts. step_sizes: η tried in order.
     accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
@@ -70,7 +74,8 @@ class DebiasConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     query_users: int | None = 128
     pool_per_group: int = 4
-    temperature: float = 1.0
+    anchored_pools: bool = True
+    temperature: float | None = None
     guard_users: int | None = 256
     max_ndcg_drop: float = 0.05
     step_sizes: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
@@ -89,7 +94,7 @@ class DebiasConfig:
             raise InputError("step sizes must be in (0, 4]")
         if not 0 <= self.max_ndcg_drop < 1:
             raise InputError("max_ndcg_drop must be in [0, 1)")
-        if self.temperature <= 0 or self.pool_per_group < 1:
+        if (self.temperature is not None and self.temperature <= 0) or self.pool_per_group < 1:
             raise InputError("temperature must be positive and pool_per_group at least 1")
 
     @property

@@ -128,11 +128,22 @@ class DebiasJob:
 
     def queries(self) -> tuple[Quantities, dict[str, torch.Tensor]]:
         """Every linearised quantity with its gradient, and each item attribute's GH target."""
-        from fudlr.fairness.surrogates import item_share_quantities, loss_quantities, sample_pools
+        from fudlr.fairness.surrogates import (
+            calibrate_temperature,
+            item_share_quantities,
+            loss_quantities,
+            sample_pools,
+        )
 
         config, parts, history = self.config, [], {}
-        self.pools = {}
-        for bias in (b for b in config.biases if b.side == "item"):
+        self.pools, self.temperatures, self.calibration = {}, {}, {}
+        anchors, rankings = None, []
+        item_biases = [b for b in config.biases if b.side == "item"]
+        if item_biases and (config.anchored_pools or config.temperature is None):
+            self.control.event(f"recommending for the {len(self.query_rows)} query users")
+            rankings = self.recommender.rank(self.query_rows, config.recommend).rankings
+            anchors = [ranking[:1] for ranking in rankings] if config.anchored_pools else None
+        for bias in item_biases:
             groups = self.groups[bias.label]
             pools = sample_pools(
                 self.query_rows,
@@ -140,8 +151,23 @@ class DebiasJob:
                 config.pool_per_group,
                 config.seed,
                 self.recommender.neighborhoods(bias.k),
+                anchors,
             )
             self.pools[bias.label] = pools
+            temperature = config.temperature
+            if temperature is None:
+                measured = group_shares((ranking[: bias.k] for ranking in rankings), groups)
+                temperature, distances = calibrate_temperature(
+                    self.model,
+                    self.tokenizer,
+                    self.query_rows,
+                    pools,
+                    self.bundle.item_completions(),
+                    torch.tensor([measured[g] for g in groups.names]),
+                )
+                self.calibration[bias.label] = {"measured_GP": measured, "l1": distances}
+                self.control.event(f"{bias.label}: surrogate temperature {temperature:g}")
+            self.temperatures[bias.label] = temperature
             parts.append(
                 item_share_quantities(
                     self.model,
@@ -152,7 +178,7 @@ class DebiasJob:
                     pools,
                     groups,
                     self.bundle.item_completions(),
-                    temperature=config.temperature,
+                    temperature=temperature,
                     control=self.control,
                     label=bias.label,
                 )
@@ -297,7 +323,7 @@ class DebiasJob:
                 self.query_rows,
                 self.pools[bias.label],
                 self.bundle.item_completions(),
-                self.config.temperature,
+                self.temperatures[bias.label],
             )
             names = self.groups[bias.label].names
             surrogate = {
@@ -399,6 +425,8 @@ class DebiasJob:
             "training_samples": self.index.samples,
             "eta": eta,
             "surrogates": dict(zip(names, quantities.values.tolist(), strict=True)),
+            "temperatures": self.temperatures,
+            "temperature_calibration": self.calibration,
             "predicted": selection.predicted,
             "metrics": metrics,
             "guard": attempts,

@@ -61,12 +61,15 @@ class Budget(_Request):
 class Options(_Request):
     """query_users / guard_users: validation users behind the influence queries and the
     guard; test_users: measured before/after (null = all, 0 = skip); step_sizes: tried in
-    order by the guard."""
+    order by the guard; anchored_pools: each query user's own recommendation in its pool;
+    temperature: of the surrogate's recommendation distribution (null = calibrated)."""
 
     query_users: int = Field(128, ge=1)
     guard_users: int = Field(256, ge=1)
     test_users: int | None = Field(None, ge=0)
     pool_per_group: int = Field(4, ge=1, le=64)
+    anchored_pools: bool = True
+    temperature: float | None = Field(None, gt=0, le=10)
     num_beams: int = Field(5, ge=1, le=16)
     precision: Literal["fp32", "bf16"] = "fp32"
     step_sizes: list[float] = Field(
@@ -123,6 +126,8 @@ class JobSpec(_Request):
             guard_users=options.guard_users,
             test_users=options.test_users,
             pool_per_group=options.pool_per_group,
+            anchored_pools=options.anchored_pools,
+            temperature=options.temperature,
             step_sizes=tuple(options.step_sizes),
             recommend=RecommendConfig(num_beams=options.num_beams, precision=options.precision),
             seed=options.seed,
