@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -84,7 +86,7 @@ def service(
         )
     except Exception as error:
         console.log(f"service run failed: {type(error).__name__}: {error}")
-        return {"error": f"{type(error).__name__}: {error}"}
+        return {"failure": f"{type(error).__name__}: {error}"}
 
 
 def write(results: dict[str, Any], results_dir: Path) -> None:
@@ -128,6 +130,10 @@ def main() -> None:
     work: Path = args.work / profile.name
     bundle_dir = prepare_movielens(work / "bundle", profile.train_size, profile.history_len)
     model_dir = prepare_smollm2(args.work.parent / "models", console.log)
+    # a cache of its own, emptied: no job may reuse a measurement from an earlier run
+    cache = work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["FUDLR_CACHE_DIR"] = str(cache)
     results = run_and_write(profile, model_dir, bundle_dir, work, args.results, args.port)
     console.print(markdown(results))
 

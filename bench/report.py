@@ -65,7 +65,7 @@ def fidelity(systems: Mapping[str, Mapping[str, Any]], k: int, label: str) -> di
     at its first step size, on the test users after the patch, and after retraining
     without the selection."""
     fudlr, original = systems["fudlr"], systems["original"]
-    if "predicted" not in fudlr:
+    if not fudlr.get("guard"):  # nothing was selected, so nothing was predicted or measured
         return {"available": False, "reason": fudlr.get("reason", "no report")}
     predicted = fudlr["predicted"]
     first = fudlr["guard"][0]
@@ -168,14 +168,16 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"| {point['index_seconds']:.0f} | {point['job_seconds']:.0f} |"
         )
     service = results.get("service")
-    if service and "error" in service:
-        lines += ["", f"The run through the HTTP service failed: {service['error']}"]
+    if service and "failure" in service:
+        lines += ["", f"The run through the HTTP service failed: {service['failure']}"]
     elif service:
+        outcome = service["state"] + (f" ({service['error']})" if service["error"] else "")
         lines += [
             "",
             f"Through the HTTP service: index {service['index_seconds']:.0f}s, job "
-            f"{service['job_seconds']:.0f}s ({service['state']}) against "
-            f"{systems['fudlr']['seconds']:.0f}s for the same job run directly.",
+            f"{service['job_worker_seconds']:.0f}s on the worker "
+            f"({service['job_seconds']:.0f}s from submission to the end as the client saw it), "
+            f"{outcome}; the same job run directly: {systems['fudlr']['seconds']:.0f}s.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -197,12 +199,14 @@ def plot_plane(results: Mapping[str, Any], path: Path) -> Path:
     """Every system as a point: unfairness (MGU@K, lower is better) against NDCG@K."""
     k = results["k"]
     figure, axes = _figure()
+    points: dict[tuple[float, float], list[str]] = {}
     for name, system in results["systems"].items():
-        if system.get("metrics") is None:
-            continue
-        x, y = at_k(system, k, "MGU"), at_k(system, k, "NDCG")
+        if system.get("metrics") is not None:
+            points.setdefault((at_k(system, k, "MGU"), at_k(system, k, "NDCG")), []).append(name)
+    for (x, y), names in points.items():  # systems that coincide share one label
         axes.scatter([x], [y], s=40)
-        axes.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        label = " = ".join(names)
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     axes.set_xlabel(f"MGU@{k} of popularity groups (lower is fairer)")
     axes.set_ylabel(f"NDCG@{k} (higher is more accurate)")
     axes.set_title(f"fairness-accuracy plane, test split ({results['profile']} profile)")

@@ -7,6 +7,7 @@ the worker's own start/finish stamps.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ def through_the_service(
     port: int,
 ) -> dict[str, Any]:
     """Register, index, submit, wait; seconds of each as a client sees them."""
-    with embedded_service(work / "service", port, work / "service.log") as env:
+    data = work / "service"
+    shutil.rmtree(data, ignore_errors=True)  # a queue of its own: no job left from a past run
+    with embedded_service(data, port, work / "service.log") as env:
         key = create_key(env, "bench")
         with Client(env["FUDLR_URL"], key) as client:
             started = time.perf_counter()

@@ -277,7 +277,7 @@ class SystemsBench:
 
     def debias(
         self, name: str, adapter: Path, index: Path, biases: Sequence[str]
-    ) -> tuple[DebiasJob, dict | None]:
+    ) -> tuple[DebiasJob, dict]:
         """One debias job, timed from loading to the written adapter (the index is built)."""
         self.log(f"{name}: debias job {', '.join(biases)}")
         started = _clock()
@@ -293,7 +293,7 @@ class SystemsBench:
             "seconds": seconds,
             "work": "the debias job alone (index already built)",
             "published": published,
-            "job_stages": report["seconds"] if report else job.timings,
+            "job_stages": report["seconds"],
         }
         if published:
             entry.update(self.measure_adapter(out / "adapter", name))
@@ -301,12 +301,15 @@ class SystemsBench:
         else:  # nothing was published: users keep the original adapter and its metrics
             original = self.systems["original"]
             entry.update(metrics=original["metrics"], metrics_genres=original["metrics_genres"])
-            entry["reason"] = report["reason"] if report else "no sample selected"
-        if report:
-            entry["removed"] = len(report["selected"])
-            entry["predicted"] = report["predicted"]
-            entry["guard"] = report["guard"]
-            entry["valid"] = report["metrics"]["valid"]
+            entry["reason"] = report["reason"]
+        entry.update(
+            temperatures=report["temperatures"],
+            eligible=report["eligible"],
+            removed=len(report["selected"]),
+            predicted=report["predicted"],
+            guard=report["guard"],
+            valid=report["metrics"]["valid"],
+        )
         self.record(name, entry)
         return job, report
 
@@ -369,7 +372,7 @@ class SystemsBench:
         item_bias, user_bias = f"item:{ITEM_ATTRIBUTE}:MGU@{k}", f"user:{USER_ATTRIBUTE}:NDCG@{k}"
         job, report = self.debias("fudlr", original, index_dir, [item_bias])
         self.systems["fudlr"]["index_seconds"] = index_seconds
-        selected = [row["sample_id"] for row in report["selected"]] if report else []
+        selected = [row["sample_id"] for row in report["selected"]]
         if selected:
             self.retrain_without(selected)
             self.random_removal(job, len(selected), report["eta"] or 1.0)

@@ -65,6 +65,7 @@ class Selection:
     weights: torch.Tensor  # [n], zero outside the selection
     predicted: dict[str, float]
     objective_trace: list[float]
+    eligible: int = 0  # samples whose effect stood out at the FDR (the mask's candidates)
 
 
 def learn_mask(
@@ -130,7 +131,8 @@ def learn_mask(
             config,
         )
     indices = torch.nonzero(weights).flatten().tolist()
-    return Selection(indices, weights, predict(targets, loss_value, loss_scores, weights), trace)
+    predicted = predict(targets, loss_value, loss_scores, weights)
+    return Selection(indices, weights, predicted, trace, int(eligible.sum()))
 
 
 def predict(

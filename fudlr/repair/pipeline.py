@@ -32,9 +32,8 @@ REPORT = "report.json"
 class RepairRejected(FudlrError):
     """No step size passed the guard (or nothing could be selected); nothing was published.
 
-    `report`: what the job found before the guard refused it (the selected samples, the
-    predictions, every attempt), so a rejection can be diagnosed; None when nothing was
-    selected.
+    `report`: what the job found (the surrogates and their calibration, the selected
+    samples and predictions, every guard attempt), so a rejection can be diagnosed.
     """
 
     def __init__(self, reason: str, report: dict | None = None) -> None:
@@ -284,10 +283,6 @@ class DebiasJob:
             self.control,
         )
         self._lap("mask")
-        if not selection.indices:
-            raise RepairRejected(
-                "no training sample is predicted to reduce the bias within the budget"
-            )
         self.control.event(
             f"selected {len(selection.indices)} of {self.index.samples} training samples"
         )
@@ -358,6 +353,10 @@ class DebiasJob:
         quantities, history = self.queries()
         scores = self.scores(quantities)
         selection = self.select(quantities, history, scores)
+        metrics = {"valid": {"before": before.summary()}}
+        if not selection.indices:
+            reason = "no training sample is predicted to reduce the bias within the budget"
+            self._reject(out_dir, reason, quantities, scores, selection, metrics, [])
         patcher = WeightPatcher(self.model, self.newton_step(selection))
 
         attempts, accepted = [], None
@@ -376,14 +375,9 @@ class DebiasJob:
             reason = "no step size passed the guard: " + "; ".join(
                 f"eta={a['eta']}: {a['reason']}" for a in attempts
             )
-            metrics = {"valid": {"before": before.summary()}}
-            report = self._report(quantities, scores, selection, metrics, attempts, None)
-            report.update(status="rejected", reason=reason, seconds=self.timings)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-            raise RepairRejected(reason, report)
+            self._reject(out_dir, reason, quantities, scores, selection, metrics, attempts)
         eta, after = accepted
-        metrics = {"valid": {"before": before.summary(), "after": after.summary()}}
+        metrics["valid"]["after"] = after.summary()
         if config.test_users != 0:
             test_rows = subset(self.bundle.split("test"), config.test_users, config.seed + 2)
             self.control.event(f"measuring {len(test_rows)} test users after and before")
@@ -408,6 +402,23 @@ class DebiasJob:
         (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         return report
 
+    def _reject(
+        self,
+        out_dir: Path,
+        reason: str,
+        quantities: Quantities,
+        scores: torch.Tensor,
+        selection: Selection,
+        metrics: dict,
+        attempts: list[dict],
+    ) -> None:
+        """Write what the job found (status "rejected", no adapter) and raise."""
+        report = self._report(quantities, scores, selection, metrics, attempts, None)
+        report.update(status="rejected", reason=reason, seconds=self.timings)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        raise RepairRejected(reason, report)
+
     def _report(
         self,
         quantities: Quantities,
@@ -427,6 +438,7 @@ class DebiasJob:
             "surrogates": dict(zip(names, quantities.values.tolist(), strict=True)),
             "temperatures": self.temperatures,
             "temperature_calibration": self.calibration,
+            "eligible": selection.eligible,
             "predicted": selection.predicted,
             "metrics": metrics,
             "guard": attempts,
