@@ -22,7 +22,7 @@ from rich.console import Console
 
 from bench.common import RESULTS, ROOT, commit, machine, prepare_movielens, prepare_smollm2
 from bench.report import fidelity, markdown, plot_all, targets
-from bench.systems import ITEM_ATTRIBUTE, PROFILES, BenchProfile, SystemsBench
+from bench.systems import PROFILES, BenchProfile, SystemsBench, item_bias_label
 from fudlr.models.device import PRECISIONS, fast_precision
 
 console = Console()
@@ -50,7 +50,7 @@ def run_and_write(
         "num_beams": profile.num_beams,
         **bench.run(),
     }
-    label = f"item:{ITEM_ATTRIBUTE}:MGU@{profile.k}"
+    label = item_bias_label(profile.k)
     if profile.service:
         results["service"] = service(profile, model_dir, bundle_dir, work, label, port)
     results["targets"] = targets(results["systems"], profile.k)

@@ -27,7 +27,7 @@ from fudlr.data.bundle import Bundle
 from fudlr.fairness.groups import item_groups
 from fudlr.fairness.metrics import evaluate
 from fudlr.influence.index import IndexConfig, build_index, training_samples
-from fudlr.recommender.recommend import RecommendConfig, Recommender
+from fudlr.recommender.recommend import Ranked, RecommendConfig, Recommender
 from fudlr.recommender.train import TrainConfig, train_adapter
 from fudlr.repair.config import DebiasConfig, subset
 from fudlr.repair.pipeline import DebiasJob, RepairRejected
@@ -110,6 +110,11 @@ PROFILES = {
 Log = Callable[[str], None]
 
 
+def item_bias_label(k: int) -> str:
+    """The popularity bias every FUDLR job of the benchmark targets."""
+    return f"item:{ITEM_ATTRIBUTE}:MGU@{k}"
+
+
 def _clock() -> float:
     return time.perf_counter()
 
@@ -153,13 +158,16 @@ class SystemsBench:
             ),
         }
 
-    def measure(self, recommender: Recommender, label: str) -> dict[str, Any]:
-        self.log(f"{label}: recommending for {len(self.test_rows)} test users")
-        ranked = recommender.rank(self.test_rows, self.decoding)
+    def scored(self, ranked: Ranked) -> dict[str, Any]:
+        """A system's measured fields from its rankings of the test users."""
         return {
             **self.metrics(ranked.by_user(self.test_rows)),
             "exact_titles": ranked.exact_matches,
         }
+
+    def measure(self, recommender: Recommender, label: str) -> dict[str, Any]:
+        self.log(f"{label}: recommending for {len(self.test_rows)} test users")
+        return self.scored(recommender.rank(self.test_rows, self.decoding))
 
     def measure_adapter(self, adapter: Path, label: str) -> dict[str, Any]:
         recommender = Recommender.load(self.model_dir, adapter, self.bundle)
@@ -181,14 +189,14 @@ class SystemsBench:
         self.recommender = Recommender.load(self.model_dir, adapter, self.bundle)
         self.log(f"original: generating for {len(self.test_rows)} test users")
         self.test_generations = self.recommender.generate(self.test_rows, self.decoding)
+        self.test_queries = self.recommender.embed(self.test_generations)
         ranked = self.recommender.rank_generations(
-            self.test_rows, self.test_generations, self.decoding
+            self.test_rows, self.test_generations, self.decoding, queries=self.test_queries
         )
         self.record(
             "original",
             {
-                **self.metrics(ranked.by_user(self.test_rows)),
-                "exact_titles": ranked.exact_matches,
+                **self.scored(ranked),
                 "seconds": seconds,
                 "work": "one fine-tuning run (the recipe every retraining repeats)",
             },
@@ -215,12 +223,13 @@ class SystemsBench:
         k, started = self.profile.k, _clock()
         self.log(f"ifairlrs_rr: tuning alpha on {len(self.valid_rows)} validation users")
         generations = self.recommender.generate(self.valid_rows, self.decoding)
+        queries = self.recommender.embed(generations)
         item_ids = self.recommender.item_ids
 
         def valid_at(alpha: float, bias: dict[str, float]) -> tuple[Candidate, dict]:
             scale = distance_scale(item_ids, self.popularity, bias, alpha)
             ranked = self.recommender.rank_generations(
-                self.valid_rows, generations, self.decoding, scale
+                self.valid_rows, generations, self.decoding, scale, queries
             )
             report = evaluate(
                 self.bundle,
@@ -233,20 +242,19 @@ class SystemsBench:
             )["k"][str(k)]
             return Candidate(alpha, report["MGU"], report["NDCG"]), report
 
-        no_bias = dict.fromkeys(self.popularity.names, 0.0)
-        original = valid_at(0.0, no_bias)[1]
+        # α = 0 is the original ranking whatever the bias: it measures the bias, then joins
+        unchanged, original = valid_at(0.0, dict.fromkeys(self.popularity.names, 0.0))
         bias = group_bias(original["GP"], original["GH"])
-        candidates = [valid_at(alpha, bias)[0] for alpha in ALPHAS]
+        candidates = [unchanged, *(valid_at(alpha, bias)[0] for alpha in ALPHAS if alpha)]
         chosen = choose_alpha(candidates, self.profile.max_ndcg_drop)
         scale = distance_scale(item_ids, self.popularity, bias, chosen.alpha)
         ranked = self.recommender.rank_generations(
-            self.test_rows, self.test_generations, self.decoding, scale
+            self.test_rows, self.test_generations, self.decoding, scale, self.test_queries
         )
         self.record(
             "ifairlrs_rr",
             {
-                **self.metrics(ranked.by_user(self.test_rows)),
-                "exact_titles": ranked.exact_matches,
+                **self.scored(ranked),
                 "seconds": _clock() - started,
                 "work": "validation generation and the alpha search (no training)",
                 "alpha": chosen.alpha,
@@ -276,9 +284,10 @@ class SystemsBench:
         )
 
     def debias(
-        self, name: str, adapter: Path, index: Path, biases: Sequence[str]
+        self, name: str, adapter: Path, index: Path, index_seconds: float, biases: Sequence[str]
     ) -> tuple[DebiasJob, dict]:
-        """One debias job, timed from loading to the written adapter (the index is built)."""
+        """One debias job, timed from loading to the written adapter (the index is built, in
+        `index_seconds`)."""
         self.log(f"{name}: debias job {', '.join(biases)}")
         started = _clock()
         job = DebiasJob(self.model_dir, adapter, self.bundle, index, self.job_config(biases))
@@ -292,6 +301,7 @@ class SystemsBench:
         entry: dict[str, Any] = {
             "seconds": seconds,
             "work": "the debias job alone (index already built)",
+            "index_seconds": index_seconds,
             "published": published,
             "job_stages": report["seconds"],
         }
@@ -369,9 +379,8 @@ class SystemsBench:
         self.ifairlrs_rw(original)
         index_dir = self.work / "index"
         index_seconds = self.index(original, index_dir)
-        item_bias, user_bias = f"item:{ITEM_ATTRIBUTE}:MGU@{k}", f"user:{USER_ATTRIBUTE}:NDCG@{k}"
-        job, report = self.debias("fudlr", original, index_dir, [item_bias])
-        self.systems["fudlr"]["index_seconds"] = index_seconds
+        item_bias, user_bias = item_bias_label(k), f"user:{USER_ATTRIBUTE}:NDCG@{k}"
+        job, report = self.debias("fudlr", original, index_dir, index_seconds, [item_bias])
         selected = [row["sample_id"] for row in report["selected"]]
         if selected:
             self.retrain_without(selected)
@@ -380,8 +389,7 @@ class SystemsBench:
             self.skipped("retrain_without_s", "FUDLR selected no sample")
             self.skipped("random_removal", "FUDLR selected no sample")
         del job
-        self.debias("fudlr_multi", original, index_dir, [item_bias, user_bias])
-        self.systems["fudlr_multi"]["index_seconds"] = index_seconds
+        self.debias("fudlr_multi", original, index_dir, index_seconds, [item_bias, user_bias])
         scaling = self.scaling(index_seconds)
         return {
             "train_size": len(self.bundle.split("train")),
@@ -396,7 +404,7 @@ class SystemsBench:
         """Retraining, index and job time at each size; the largest is the main run's."""
         points = []
         n = len(self.bundle.split("train"))
-        biases = [f"item:{ITEM_ATTRIBUTE}:MGU@{self.profile.k}"]
+        biases = [item_bias_label(self.profile.k)]
         for size in self.profile.scaling_sizes:
             if size >= n:
                 fudlr = self.systems["fudlr"]

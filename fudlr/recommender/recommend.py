@@ -127,20 +127,29 @@ class Recommender:
                 progress=progress,
             )
 
+    def embed(self, generations: Sequence[str]) -> torch.Tensor:
+        """Grounding embeddings of generations (base model only, like the catalog's)."""
+        from fudlr.models.lora import base_model_only
+        from fudlr.recommender.grounding import embed_texts
+
+        with base_model_only(self.model):
+            return embed_texts(self.model, self.tokenizer, list(generations))
+
     def rank_generations(
         self,
         rows: Sequence[SampleRow],
         generations: Sequence[str],
         config: RecommendConfig = RecommendConfig(),
         distance_scale: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> Ranked:
         """Ground generations to rankings of the catalog. `distance_scale` ([items], > 0)
-        multiplies each item's distance: how a reranking baseline penalises item groups."""
-        from fudlr.models.lora import base_model_only
-        from fudlr.recommender.grounding import embed_texts, rank_by_distance
+        multiplies each item's distance: how a reranking baseline penalises item groups.
+        `queries`: the generations' embeddings if already computed (`embed`), so that
+        ranking the same generations many ways embeds them once."""
+        from fudlr.recommender.grounding import rank_by_distance
 
-        with base_model_only(self.model):
-            queries = embed_texts(self.model, self.tokenizer, list(generations))
+        queries = self.embed(generations) if queries is None else queries
         order = rank_by_distance(queries, self.catalog, distance_scale)
         rankings = []
         for row, ranked in zip(rows, order.tolist(), strict=True):

@@ -63,8 +63,8 @@ class DebiasConfig:
     surrogate sees the titles the model actually recommends (DESIGN.md §4).
     temperature: of the surrogate's recommendation distribution; None = calibrated per job,
     the one at which the surrogate's shares best match the query users' measured GP@K.
-    guard_users: validation
-    users on which the guard measures the hard metrics (None = all). max_ndcg_drop:
+    guard_users: validation users on which the guard measures the hard metrics (None =
+    all). max_ndcg_drop:
     largest relative NDCG drop the guard accepts. step_sizes: η tried in order.
     accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
     test_users: test users measured before and after (None = all, 0 = skip the test split).

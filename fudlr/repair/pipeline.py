@@ -342,7 +342,7 @@ class DebiasJob:
 
     def run(self, out_dir: Path) -> dict:
         """All stages; writes out_dir/adapter only on success, out_dir/report.json also when
-        the guard rejects every step (status "rejected", no eta)."""
+        nothing is selected or the guard rejects every step (status "rejected", no eta)."""
         from fudlr.repair.guard import verdict
         from fudlr.repair.unlearn import WeightPatcher, save_patched_adapter
 
@@ -399,7 +399,7 @@ class DebiasJob:
         }
         save_patched_adapter(self.model, self.adapter_dir, out_dir / "adapter", provenance)
         report["seconds"] = self.timings
-        (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        _write_report(out_dir, report)
         return report
 
     def _reject(
@@ -415,8 +415,7 @@ class DebiasJob:
         """Write what the job found (status "rejected", no adapter) and raise."""
         report = self._report(quantities, scores, selection, metrics, attempts, None)
         report.update(status="rejected", reason=reason, seconds=self.timings)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        _write_report(out_dir, report)
         raise RepairRejected(reason, report)
 
     def _report(
@@ -451,6 +450,11 @@ class DebiasJob:
                 for i in selection.indices
             ],
         }
+
+
+def _write_report(out_dir: Path, report: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _pearson(first: list[float], second: list[float]) -> float | None:
