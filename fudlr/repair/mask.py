@@ -9,12 +9,16 @@ fixed gradient, so it bottoms out where the gap closes instead of overshooting:
 
 (convex: the quantities are affine in m and every term is convex in them) minimised by
 Frank-Wolfe under the sample budget, then binarised (or kept soft) and cut to the loss
-budget. Only samples whose marginal effect on the fairness terms at m = 0 stands out
-from sample-to-sample noise are eligible: robust z-scores (median, scaled median absolute
-deviation σ), one-sided p-values, Benjamini-Hochberg at false discovery rate `fdr`. So
-pure noise selects nothing, whatever the scale of the scores (which moves with the
-damping, the training-set size and the surrogate); β σ per sample then prefers fewer
-removals among the eligible.
+budget. Only samples whose marginal effect on the fairness terms at m = 0 is significantly
+helpful are eligible (one-sided p-values, Benjamini-Hochberg at false discovery rate `fdr`).
+The noise is the query's own where the per-user marginals are given: the fairness queries
+are averages over a sample of users, so a sample's effect is a mean over those users, with
+a standard error (a t-test per sample). That keeps its power for a diffuse bias, where many
+samples help a little and none stands out from the rest. Without per-user marginals, the
+noise is the spread between samples (robust z-scores: median, scaled median absolute
+deviation). Either way pure noise selects nothing, whatever the scale of the scores
+(which moves with the damping, the training-set size and the surrogate); β σ per sample
+(σ the spread between samples) then prefers fewer removals among the eligible.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class FairnessTarget:
 
     kind: "mgu" (mean |q - reference|), "dgu" (max - min of q - reference), "gap" (max - min
     of q). values [G], reference [G] (GH for items; zeros for user gaps), scores [n, G].
+    columns: where its quantities sit among all of a job's quantities.
     """
 
     label: str
@@ -42,6 +47,7 @@ class FairnessTarget:
     values: torch.Tensor
     reference: torch.Tensor
     scores: torch.Tensor
+    columns: tuple[int, ...] = ()
 
     def evaluate(self, shifts: torch.Tensor, eps: float) -> torch.Tensor:
         """The target after shifting the quantities by `shifts` ([..., G])."""
@@ -66,6 +72,7 @@ class Selection:
     predicted: dict[str, float]
     objective_trace: list[float]
     eligible: int = 0  # samples whose effect stood out at the FDR (the mask's candidates)
+    eligibility_test: str = "users"  # "users": t-test over query users; "samples": robust z
 
 
 def learn_mask(
@@ -74,6 +81,7 @@ def learn_mask(
     loss_scores: torch.Tensor,
     config: MaskConfig | None = None,
     control: Control | None = None,
+    user_marginals: torch.Tensor | None = None,
 ) -> Selection:
     """Minimise the objective over masks with at most `max_fraction` of the samples, then
     binarise (or keep soft weights) and cut to the loss budget.
@@ -83,15 +91,22 @@ def learn_mask(
     toward the vertex that takes the samples whose removal helps most (the budget's worth
     of the most negative gradient coordinates), as far as a line search finds best, so
     iterates stay feasible and no step size has to match the scale of the scores.
+    `user_marginals` [n, U]: each sample's marginal effect on the fairness terms through
+    each query user (their mean over users is the marginal itself; see `fairness_gradient`),
+    which lets eligibility test against the query's own noise.
     """
     control = control or Control()
     config = config or MaskConfig()
     n = loss_scores.numel()
     budget = max(1, int(config.max_fraction * n))
     initial = {t.label: t.evaluate(torch.zeros_like(t.values), _eps(t, config)) for t in targets}
-    eligible, noise = _eligible(targets, initial, n, config)
-    sparsity = config.beta * noise
+    eligible, noise = _eligible(targets, config, user_marginals)
+    test = "users" if _tests_users(user_marginals) else "samples"
     mask = torch.zeros(n, dtype=torch.float64)
+    if not eligible.any():
+        predicted = predict(targets, loss_value, loss_scores, mask)
+        return Selection([], mask, predicted, [], 0, test)
+    sparsity = config.beta * noise
     best_value, best_mask = float("inf"), mask
     trace = []
     for step in range(config.steps):
@@ -132,7 +147,7 @@ def learn_mask(
         )
     indices = torch.nonzero(weights).flatten().tolist()
     predicted = predict(targets, loss_value, loss_scores, weights)
-    return Selection(indices, weights, predicted, trace, int(eligible.sum()))
+    return Selection(indices, weights, predicted, trace, int(eligible.sum()), test)
 
 
 def predict(
@@ -169,23 +184,48 @@ def _fairness(
     )
 
 
+def fairness_gradient(targets: Sequence[FairnessTarget], config: MaskConfig) -> list[torch.Tensor]:
+    """Per target, ∂(fairness objective)/∂(its quantities) at m = 0, [G] each.
+
+    The marginal effect of removing sample i is Σ_b scores_b[i] · this; since every query
+    is a mean over users, the same coefficients applied to one user's query gradients give
+    that sample's marginal through that user.
+    """
+    gradients = []
+    for target in targets:
+        shifts = torch.zeros_like(target.values, requires_grad=True)
+        initial = target.evaluate(torch.zeros_like(target.values), _eps(target, config))
+        value = target.weight * target.evaluate(shifts, _eps(target, config))
+        (gradient,) = torch.autograd.grad(value / initial.clamp(min=1e-12), shifts)
+        gradients.append(gradient)
+    return gradients
+
+
 def _eligible(
     targets: Sequence[FairnessTarget],
-    initial: dict[str, torch.Tensor],
-    n: int,
     config: MaskConfig,
+    user_marginals: torch.Tensor | None,
 ) -> tuple[torch.Tensor, float]:
     """Which samples' marginal effects on the fairness terms at m = 0 are significantly
-    helpful (Benjamini-Hochberg at `config.fdr` on robust z-scores), and the noise level σ.
+    helpful (Benjamini-Hochberg at `config.fdr`), and the spread σ of the marginals.
 
-    Median and MAD rather than mean and standard deviation, so that a block of truly
-    harmful samples does not hide itself by inflating the noise estimate.
+    With `user_marginals`: a one-sided t-test of each sample's mean over users. Without:
+    robust z-scores against the other samples — median and MAD rather than mean and
+    standard deviation, so that a block of truly harmful samples does not hide itself by
+    inflating the noise estimate.
     """
-    mask = torch.zeros(n, dtype=torch.float64, requires_grad=True)
-    (marginal,) = torch.autograd.grad(_fairness(mask, targets, initial, config), mask)
+    marginal = sum(
+        target.scores @ gradient
+        for target, gradient in zip(targets, fairness_gradient(targets, config), strict=True)
+    )
     center = marginal.median()
     noise = max(1.4826 * float((marginal - center).abs().median()), 1e-12)
-    p_values = torch.special.ndtr((marginal - center) / noise)  # small: removal helps
+    if _tests_users(user_marginals):
+        z_scores = _t_as_z(user_marginals.double())
+    else:
+        z_scores = (marginal - center) / noise
+    p_values = torch.special.ndtr(z_scores)  # small: removal helps
+    n = marginal.numel()
     order = torch.argsort(p_values)
     thresholds = config.fdr * torch.arange(1, n + 1, dtype=torch.float64) / n
     passing = torch.nonzero((p_values[order] <= thresholds) & (marginal[order] < 0)).flatten()
@@ -193,6 +233,26 @@ def _eligible(
     if passing.numel():
         eligible[order[: int(passing.max()) + 1]] = True
     return eligible & (marginal < 0), noise
+
+
+def _tests_users(user_marginals: torch.Tensor | None) -> bool:
+    """A t-test needs a few users (ν = U - 1 >= 2)."""
+    return user_marginals is not None and user_marginals.size(1) >= 3
+
+
+def _t_as_z(user_marginals: torch.Tensor) -> torch.Tensor:
+    """Each row's one-sample t statistic (mean over users / its standard error), mapped to
+    the normal quantile of the same tail probability. torch has no Student-t CDF; this is
+    the Gaver-Kafadar form of Wallace's approximation, z = sign(t)·√(ν·ln(1 + t²/ν))·(8ν+1)/
+    (8ν+3) with ν = U - 1, within ~1e-3 of the exact tail probability for ν >= 3."""
+    users = user_marginals.size(1)
+    mean = user_marginals.mean(dim=1)
+    error = user_marginals.std(dim=1) / users**0.5
+    tiny = torch.finfo(user_marginals.dtype).tiny
+    t = mean / error.clamp(min=mean.abs() * 1e-12 + tiny)
+    freedom = users - 1
+    magnitude = torch.sqrt(freedom * torch.log1p(t.square() / freedom))
+    return torch.sign(t) * magnitude * (8 * freedom + 1) / (8 * freedom + 3)
 
 
 def _objective(

@@ -202,19 +202,34 @@ class DebiasJob:
         self._lap("queries")
         return Quantities.concat(parts), history
 
-    def scores(self, quantities: Quantities) -> torch.Tensor:
-        """[n, k]: every training sample's predicted effect on every quantity if removed."""
+    def scores(
+        self, quantities: Quantities, history: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[n, k]: every training sample's predicted effect on every quantity if removed; and
+        [n, U]: its marginal effect on the fairness objective through each query user (None
+        without per-user gradients), from the same pass over the training gradients."""
         from fudlr.influence.scores import influence_scores, precondition_queries
+        from fudlr.repair.mask import fairness_gradient
 
+        count = len(quantities.names)
+        queries = quantities.gradients.float()
+        if quantities.per_user is not None:
+            # the objective's coefficients need only the quantities' values, not the scores
+            targets = self.targets(quantities, history, torch.zeros(0, count))
+            direction = torch.zeros(count)
+            for target, gradient in zip(
+                targets, fairness_gradient(targets, self.config.mask), strict=True
+            ):
+                direction[list(target.columns)] = gradient.float()
+            per_user = torch.einsum("k,ukd->ud", direction, quantities.per_user)
+            queries = torch.cat([queries, per_user])
         self.control.event(
-            f"scoring {self.index.samples} training samples against {len(quantities.names)} queries"
+            f"scoring {self.index.samples} training samples against {len(queries)} queries"
         )
-        preconditioned = precondition_queries(
-            self.index.curvature, self.layout, quantities.gradients
-        )
+        preconditioned = precondition_queries(self.index.curvature, self.layout, queries)
         scores = influence_scores(self._training_gradients(), preconditioned, self.index.samples)
         self._lap("scores")
-        return scores
+        return scores[:, :count], (scores[:, count:] if len(queries) > count else None)
 
     def _training_gradients(self, chosen: list[int] | None = None):
         """Rows of training-sample gradients: the cache, or a pass over (some of) the samples."""
@@ -267,12 +282,17 @@ class DebiasJob:
                     values,
                     torch.zeros_like(values) if reference is None else reference,
                     scores[:, columns],
+                    tuple(columns),
                 )
             )
         return targets
 
     def select(
-        self, quantities: Quantities, history: dict[str, torch.Tensor], scores: torch.Tensor
+        self,
+        quantities: Quantities,
+        history: dict[str, torch.Tensor],
+        scores: torch.Tensor,
+        user_marginals: torch.Tensor | None,
     ) -> Selection:
         loss_column = quantities.columns("accuracy:loss")[0]
         selection = learn_mask(
@@ -281,6 +301,7 @@ class DebiasJob:
             scores[:, loss_column],
             self.config.mask,
             self.control,
+            user_marginals,
         )
         self._lap("mask")
         self.control.event(
@@ -351,8 +372,8 @@ class DebiasJob:
         before = self.measure_original("valid", self.guard_rows)
         self._lap("measure before")
         quantities, history = self.queries()
-        scores = self.scores(quantities)
-        selection = self.select(quantities, history, scores)
+        scores, user_marginals = self.scores(quantities, history)
+        selection = self.select(quantities, history, scores, user_marginals)
         metrics = {"valid": {"before": before.summary()}}
         if not selection.indices:
             reason = "no training sample is predicted to reduce the bias within the budget"
@@ -438,6 +459,7 @@ class DebiasJob:
             "temperatures": self.temperatures,
             "temperature_calibration": self.calibration,
             "eligible": selection.eligible,
+            "eligibility_test": selection.eligibility_test,
             "predicted": selection.predicted,
             "metrics": metrics,
             "guard": attempts,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fudlr.repair.config import MaskConfig
-from fudlr.repair.mask import FairnessTarget, learn_mask
+from fudlr.repair.mask import FairnessTarget, _t_as_z, fairness_gradient, learn_mask
 
 
 def _problem(helpful: int = 30, n: int = 300, seed: int = 0):
@@ -68,3 +68,51 @@ def test_a_sample_over_the_loss_budget_does_not_block_the_rest() -> None:
     assert 0 not in selection.indices
     assert set(selection.indices) == set(range(1, 10))
     assert selection.predicted["valid_loss:after"] <= 1.02 + 1e-9
+
+
+def _diffuse(helpful: int, n: int = 300, users: int = 40, seed: int = 0):
+    """Per-user share scores [n, U, 2]: `helpful` samples move a little share from the
+    over-served group 0 to group 1 for most users, the rest only add user-to-user noise."""
+    generator = torch.Generator().manual_seed(seed)
+    per_user = torch.randn(n, users, 1, generator=generator, dtype=torch.float64) * 1e-3
+    per_user[:helpful] -= 1e-3  # mean effect: -1e-3, one standard deviation across users
+    per_user = torch.cat([per_user, -per_user], dim=2)
+    target = FairnessTarget(
+        "item:g:MGU@1",
+        "mgu",
+        1.0,
+        values=torch.tensor([0.7, 0.3], dtype=torch.float64),
+        reference=torch.tensor([0.5, 0.5], dtype=torch.float64),
+        scores=per_user.mean(dim=1),
+    )
+    (direction,) = fairness_gradient([target], MaskConfig())
+    loss_scores = torch.zeros(n, dtype=torch.float64)
+    return target, loss_scores, per_user @ direction
+
+
+def test_a_bias_spread_over_most_samples_is_found_against_the_users_noise() -> None:
+    # 200 of 300 samples help a little: against the spread between samples none stands out
+    target, loss_scores, user_marginals = _diffuse(helpful=200)
+    by_samples = learn_mask([target], 1.0, loss_scores, MaskConfig())
+    assert by_samples.eligibility_test == "samples" and by_samples.eligible < 20
+    # against the spread over the query users, each helps significantly (t ≈ -6)
+    by_users = learn_mask([target], 1.0, loss_scores, MaskConfig(), None, user_marginals)
+    assert by_users.eligibility_test == "users"
+    assert by_users.eligible >= 190 and by_users.indices
+    assert set(by_users.indices) <= set(range(200))
+
+
+def test_without_a_consistent_effect_over_users_nothing_is_eligible() -> None:
+    target, loss_scores, user_marginals = _diffuse(helpful=0)
+    selection = learn_mask([target], 1.0, loss_scores, MaskConfig(), None, user_marginals)
+    assert selection.eligible <= 3 and selection.eligibility_test == "users"
+
+
+def test_the_t_statistic_matches_student_t_tail_probabilities() -> None:
+    # rows whose t statistic is exactly the 97.5% quantile of Student t (ν = 4: 2.7764)
+    users = 5
+    deviations = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=torch.float64)
+    error = deviations.std() / users**0.5
+    row = 2.7764 * error + deviations
+    z = _t_as_z(row[None, :])
+    assert abs(float(torch.special.ndtr(-z)) - 0.025) < 2e-3
