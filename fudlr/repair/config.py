@@ -23,8 +23,9 @@ class MaskConfig:
     """Mask learning options.
 
     alpha: weight of the predicted validation-loss increase (relative to the loss).
-    fdr: false discovery rate at which a sample's marginal effect on the unfairness must
-    stand out from sample-to-sample noise to be eligible for removal (Benjamini-Hochberg).
+    fdr: false discovery rate at which a sample's marginal effect on the unfairness must be
+    significantly helpful to be eligible for removal (a t-test over the query users,
+    Benjamini-Hochberg).
     beta: sparsity: removing an eligible sample costs beta times that noise level, so the
     mask stops adding samples whose help has faded. steps: Frank-Wolfe iterations.
     binarize: keep samples with m > 0.5 at weight 1, or keep soft weights.
