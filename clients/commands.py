@@ -190,6 +190,9 @@ def submit(
     fdr: float = typer.Option(
         None, help="False discovery rate at which a sample must stand out to be unlearned."
     ),
+    guard_confidence: float = typer.Option(
+        None, help="Bootstrap probability over guard users that the bias went down."
+    ),
     option: list[str] = typer.Option(
         [], help="Job option KEY=VALUE (query_users, guard_users, num_beams, ...); repeatable."
     ),
@@ -204,6 +207,7 @@ def submit(
             ("max_loss_increase", max_loss_increase),
             ("max_ndcg_drop", max_ndcg_drop),
             ("fdr", fdr),
+            ("guard_confidence", guard_confidence),
         )
         if value is not None
     }

@@ -28,6 +28,9 @@ def debias(
         0.02, help="Largest predicted relative increase of the validation loss."
     ),
     max_ndcg_drop: float = typer.Option(0.05, help="Largest relative NDCG drop the guard accepts."),
+    guard_confidence: float = typer.Option(
+        0.8, help="Bootstrap probability over guard users that the bias went down (0 = any drop)."
+    ),
     fdr: float = typer.Option(
         0.05, help="False discovery rate at which a sample must stand out to be removed."
     ),
@@ -63,6 +66,7 @@ def debias(
         guard_users=guard_users,
         test_users=test_users,
         max_ndcg_drop=max_ndcg_drop,
+        guard_confidence=guard_confidence,
         pool_per_group=pool_per_group,
         anchored_pools=anchored_pools,
         temperature=temperature,

@@ -66,7 +66,10 @@ class DebiasConfig:
     the one at which the surrogate's shares best match the query users' measured GP@K.
     guard_users: validation users on which the guard measures the hard metrics (None =
     all). max_ndcg_drop:
-    largest relative NDCG drop the guard accepts. step_sizes: η tried in order.
+    largest relative NDCG drop the guard accepts. guard_confidence: the guard accepts a
+    step only if, in a paired bootstrap over the guard users, the bias went down in at
+    least this fraction of resamples (0 = any measured reduction). step_sizes: η tried in
+    order.
     accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
     test_users: test users measured before and after (None = all, 0 = skip the test split).
     """
@@ -79,6 +82,7 @@ class DebiasConfig:
     temperature: float | None = None
     guard_users: int | None = 256
     max_ndcg_drop: float = 0.05
+    guard_confidence: float = 0.8
     step_sizes: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
     accuracy_k: int | None = None
     test_users: int | None = None
@@ -95,6 +99,8 @@ class DebiasConfig:
             raise InputError("step sizes must be in (0, 4]")
         if not 0 <= self.max_ndcg_drop < 1:
             raise InputError("max_ndcg_drop must be in [0, 1)")
+        if not 0 <= self.guard_confidence < 1:
+            raise InputError("guard_confidence must be in [0, 1)")
         if (self.temperature is not None and self.temperature <= 0) or self.pool_per_group < 1:
             raise InputError("temperature must be positive and pool_per_group at least 1")
 

@@ -2,13 +2,18 @@
 
 The guard is the last word: predictions choose the samples, but an adapter is published
 only if beam search + grounding on held-out users shows the bias went down and accuracy
-stayed within the job's tolerance.
+stayed within the job's tolerance. "Went down" is judged against the guard users' own
+noise: a paired bootstrap over users gives the probability that the bias did not go down,
+and a step is accepted only if that probability is at most 1 - `confidence`. A few hundred
+users leave a lot of noise in a group share, and trying several step sizes on the same
+users would otherwise publish chance improvements.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +27,8 @@ from fudlr.repair.spec import BiasSpec
 
 @dataclass
 class Measurement:
-    """Each bias's hard metric and per-group numbers, accuracy at `k`, the full reports."""
+    """Each bias's hard metric and per-group numbers, accuracy at `k`, the full reports, and
+    each user's top list (as long as the largest K measured) for the bootstrap."""
 
     biases: dict[str, float]
     groups: dict[str, dict]
@@ -31,6 +37,7 @@ class Measurement:
     k: int
     exact_matches: int
     reports: dict[str, dict]
+    top_lists: dict[str, list[str]]
 
     def shares(self, item_attribute: str, k: int) -> dict[str, float]:
         """GP@K per item group of `item_attribute` (from the report that grouped by it)."""
@@ -48,6 +55,9 @@ class Measurement:
         }
 
 
+MEASUREMENT_FORMAT = 2  # 2: with each user's top list
+
+
 def measurement_key(
     digests: Sequence[str],
     split: str,
@@ -59,6 +69,7 @@ def measurement_key(
     """What a measurement of the *unpatched* adapter depends on (digests of the base model,
     the adapter and the bundle, the rows, the metrics, the decoding); equal keys, equal results."""
     parts = [
+        MEASUREMENT_FORMAT,
         list(digests),
         split,
         [row.sample_id for row in rows],
@@ -93,53 +104,144 @@ def measure(
 ) -> Measurement:
     """Recommend for `rows` with the recommender's current weights and score every bias."""
     ranked = recommender.rank(rows, config)
-    by_user = ranked.by_user(rows)
-    ks = sorted({accuracy_k, *(b.k for b in biases)})
-    item_attribute = next((b.attribute for b in biases if b.side == "item"), "popularity_group")
-    user_attribute = next((b.attribute for b in biases if b.side == "user"), "gender")
-    reports: dict[str, dict] = {}
-    values: dict[str, float] = {}
-    groups: dict[str, dict] = {}
-    for bias in biases:
-        item_attr = bias.attribute if bias.side == "item" else item_attribute
-        user_attr = bias.attribute if bias.side == "user" else user_attribute
-        key = f"{item_attr}|{user_attr}"
-        if key not in reports:
-            reports[key] = evaluate(bundle, split, by_user, ks, item_attr, user_attr, rows=rows)
-        at_k = reports[key]["k"][str(bias.k)]
-        if bias.side == "item":
-            values[bias.label] = at_k[bias.metric]
-            groups[bias.label] = {"GP": at_k["GP"], "GH": at_k["GH"], "GU": at_k["GU"]}
-        else:
-            values[bias.label] = at_k["user_gap"]["NDCG"]
-            groups[bias.label] = {"NDCG": at_k["user_gap"]["groups"]}
-    if not reports:
-        reports["default"] = evaluate(
-            bundle, split, by_user, ks, item_attribute, user_attribute, rows=rows
-        )
-    accuracy = next(iter(reports.values()))["k"][str(accuracy_k)]
-    return Measurement(
-        values, groups, accuracy["NDCG"], accuracy["HR"], accuracy_k, ranked.exact_matches, reports
+    return measurement_of(
+        bundle, split, rows, ranked.by_user(rows), biases, accuracy_k, ranked.exact_matches
     )
 
 
-def verdict(
-    before: Measurement, after: Measurement, biases: Sequence[BiasSpec], max_ndcg_drop: float
-) -> tuple[bool, str]:
-    """Accept when the weighted relative change of the biases is negative (fairer) and the
-    relative NDCG drop is within `max_ndcg_drop`; say why otherwise."""
-    change = sum(
-        bias.weight
-        * (after.biases[bias.label] - before.biases[bias.label])
-        / max(abs(before.biases[bias.label]), 1e-12)
+def measurement_of(
+    bundle: Bundle,
+    split: str,
+    rows: Sequence[SampleRow],
+    rankings: dict[str, Sequence[str]],
+    biases: Sequence[BiasSpec],
+    accuracy_k: int,
+    exact_matches: int,
+) -> Measurement:
+    """Every bias's hard metric and accuracy of given rankings (user id -> items, best first)."""
+    ks = sorted({accuracy_k, *(b.k for b in biases)})
+    top_lists = {user: list(ranking[: ks[-1]]) for user, ranking in rankings.items()}
+    reports = _reports(bundle, split, rows, top_lists, biases, ks)
+    values, groups = {}, {}
+    for bias in biases:
+        at_k = reports[_report_key(bias, biases)]["k"][str(bias.k)]
+        values[bias.label] = _bias_value(bias, at_k)
+        if bias.side == "item":
+            groups[bias.label] = {"GP": at_k["GP"], "GH": at_k["GH"], "GU": at_k["GU"]}
+        else:
+            groups[bias.label] = {"NDCG": at_k["user_gap"]["groups"]}
+    accuracy = next(iter(reports.values()))["k"][str(accuracy_k)]
+    return Measurement(
+        values,
+        groups,
+        accuracy["NDCG"],
+        accuracy["HR"],
+        accuracy_k,
+        exact_matches,
+        reports,
+        top_lists,
+    )
+
+
+def _report_key(bias: BiasSpec, biases: Sequence[BiasSpec]) -> str:
+    """ "item attribute|user attribute" of the report that scores `bias` (the other side's
+    attribute: the first one the job names, else the defaults)."""
+    item = next((b.attribute for b in biases if b.side == "item"), "popularity_group")
+    user = next((b.attribute for b in biases if b.side == "user"), "gender")
+    if bias.side == "item":
+        return f"{bias.attribute}|{user}"
+    return f"{item}|{bias.attribute}"
+
+
+def _reports(
+    bundle: Bundle,
+    split: str,
+    rows: Sequence[SampleRow],
+    top_lists: dict[str, list[str]],
+    biases: Sequence[BiasSpec],
+    ks: Sequence[int],
+) -> dict[str, dict]:
+    """One metrics report per (item attribute, user attribute) pair the biases need (at least
+    one, for accuracy). Repeated rows count repeatedly: a bootstrap resample."""
+    keys = list(dict.fromkeys(_report_key(bias, biases) for bias in biases))
+    keys = keys or ["popularity_group|gender"]
+    reports = {}
+    for key in keys:
+        item_attribute, user_attribute = key.split("|")
+        reports[key] = evaluate(
+            bundle, split, top_lists, ks, item_attribute, user_attribute, rows=rows
+        )
+    return reports
+
+
+def _bias_value(bias: BiasSpec, at_k: dict) -> float:
+    return at_k[bias.metric] if bias.side == "item" else at_k["user_gap"]["NDCG"]
+
+
+def bias_change(before: dict[str, float], after: dict[str, float], biases: Sequence[BiasSpec]):
+    """The weighted mean of the biases' relative changes (< 0: fairer)."""
+    return sum(
+        bias.weight * (after[bias.label] - before[bias.label]) / max(abs(before[bias.label]), 1e-12)
         for bias in biases
     ) / sum(bias.weight for bias in biases)
+
+
+def bootstrap_no_reduction(
+    bundle: Bundle,
+    split: str,
+    rows: Sequence[SampleRow],
+    before: Measurement,
+    after: Measurement,
+    biases: Sequence[BiasSpec],
+    seed: int = 0,
+    resamples: int = 200,
+) -> float:
+    """The fraction of paired bootstrap resamples of the users (the same resample before and
+    after) in which the weighted bias change is not negative."""
+    ks = sorted(int(k) for k in next(iter(before.reports.values()))["k"])
+    rng = random.Random(seed)
+    not_reduced = 0
+    for _ in range(resamples):
+        resampled = rng.choices(rows, k=len(rows))
+        values = []
+        for measurement in (before, after):
+            reports = _reports(bundle, split, resampled, measurement.top_lists, biases, ks)
+            values.append(
+                {
+                    bias.label: _bias_value(
+                        bias, reports[_report_key(bias, biases)]["k"][str(bias.k)]
+                    )
+                    for bias in biases
+                }
+            )
+        not_reduced += bias_change(*values, biases) >= 0
+    return not_reduced / resamples
+
+
+def verdict(
+    before: Measurement,
+    after: Measurement,
+    biases: Sequence[BiasSpec],
+    max_ndcg_drop: float,
+    no_reduction: float,
+    confidence: float,
+) -> tuple[bool, str]:
+    """Accept when the weighted relative change of the biases is negative (fairer), the
+    bootstrap probability `no_reduction` that it is not is at most 1 - `confidence`, and the
+    relative NDCG drop is within `max_ndcg_drop`; say why otherwise."""
+    change = bias_change(before.biases, after.biases, biases)
     drop = (before.ndcg - after.ndcg) / before.ndcg if before.ndcg > 0 else 0.0
+    noise = f"P(not reduced) {no_reduction:.2f}"
     if change >= 0:
-        return False, f"bias not reduced (weighted relative change {change:+.1%})"
+        return False, f"bias not reduced (weighted relative change {change:+.1%}, {noise})"
+    if no_reduction > 1 - confidence:
+        return False, (
+            f"bias change {change:+.1%} is within the guard users' noise "
+            f"({noise} > {1 - confidence:.2f})"
+        )
     if drop > max_ndcg_drop:
         return False, (
             f"NDCG@{before.k} dropped {drop:.1%} (> {max_ndcg_drop:.0%} allowed), "
             f"bias change {change:+.1%}"
         )
-    return True, f"bias change {change:+.1%}, NDCG@{before.k} change {-drop:+.1%}"
+    return True, f"bias change {change:+.1%} ({noise}), NDCG@{before.k} change {-drop:+.1%}"

@@ -364,7 +364,7 @@ class DebiasJob:
     def run(self, out_dir: Path) -> dict:
         """All stages; writes out_dir/adapter only on success, out_dir/report.json also when
         nothing is selected or the guard rejects every step (status "rejected", no eta)."""
-        from fudlr.repair.guard import verdict
+        from fudlr.repair.guard import bootstrap_no_reduction, verdict
         from fudlr.repair.unlearn import WeightPatcher, save_patched_adapter
 
         config = self.config
@@ -384,8 +384,26 @@ class DebiasJob:
         for eta in config.step_sizes:
             patcher.apply(eta)
             after = self.measure("valid", self.guard_rows)
-            ok, reason = verdict(before, after, config.biases, config.max_ndcg_drop)
-            attempts.append({"eta": eta, "accepted": ok, "reason": reason, **after.summary()})
+            no_reduction = bootstrap_no_reduction(
+                self.bundle, "valid", self.guard_rows, before, after, config.biases, config.seed
+            )
+            ok, reason = verdict(
+                before,
+                after,
+                config.biases,
+                config.max_ndcg_drop,
+                no_reduction,
+                config.guard_confidence,
+            )
+            attempts.append(
+                {
+                    "eta": eta,
+                    "accepted": ok,
+                    "reason": reason,
+                    "p_not_reduced": no_reduction,
+                    **after.summary(),
+                }
+            )
             self.control.event(f"guard, eta={eta}: {'accepted' if ok else 'rejected'}: {reason}")
             if ok:
                 accepted = (eta, after)

@@ -50,12 +50,15 @@ class Budget(_Request):
     """max_fraction: most training samples unlearned. max_loss_increase: largest predicted
     relative validation-loss increase. max_ndcg_drop: largest relative NDCG drop the guard
     accepts before it refuses to publish. fdr: false discovery rate at which a sample's
-    effect on the bias must stand out from noise to be unlearned (higher: more samples)."""
+    effect on the bias must be significant to be unlearned (higher: more samples).
+    guard_confidence: the share of paired bootstrap resamples of the guard users in which
+    the bias must have gone down for a step to be published (0 = any measured drop)."""
 
     max_fraction: float = Field(0.2, gt=0, le=1)
     max_loss_increase: float = Field(0.02, ge=0)
     max_ndcg_drop: float = Field(0.05, ge=0, lt=1)
     fdr: float = Field(0.05, gt=0, lt=1)
+    guard_confidence: float = Field(0.8, ge=0, lt=1)
 
 
 class Options(_Request):
@@ -122,6 +125,7 @@ class JobSpec(_Request):
                 fdr=budget.fdr,
             ),
             max_ndcg_drop=budget.max_ndcg_drop,
+            guard_confidence=budget.guard_confidence,
             query_users=options.query_users,
             guard_users=options.guard_users,
             test_users=options.test_users,

@@ -13,6 +13,7 @@ from fudlr.data.bundle import Bundle
 from fudlr.data.jsonl import write_rows
 from fudlr.errors import InputError
 from fudlr.fairness.groups import item_groups
+from fudlr.fairness.metrics import group_shares
 from fudlr.fairness.surrogates import item_share_quantities, sample_pools
 from fudlr.influence.index import IndexConfig, build_index
 from fudlr.influence.layout import ParameterLayout
@@ -23,6 +24,7 @@ from fudlr.models.store import load_base_model
 from fudlr.recommender.recommend import RecommendConfig
 from fudlr.recommender.train import train_adapter
 from fudlr.repair.config import DebiasConfig, MaskConfig
+from fudlr.repair.guard import bootstrap_no_reduction, measurement_of, verdict
 from fudlr.repair.pipeline import DebiasJob
 from fudlr.repair.spec import BiasSpec
 from tests.conftest import TINY_RECIPE, planted_bundle
@@ -207,3 +209,37 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     with torch.no_grad():
         original_logits = PeftModel.from_pretrained(base, str(adapter))(ids).logits
     assert not torch.allclose(repaired_logits, original_logits)
+
+
+def test_the_guard_weighs_a_change_against_the_guard_users_noise(tiny_bundle: Path) -> None:
+    """Paired bootstrap over users: no change is never a reduction, a change for every user
+    always is, and a change for one user of 12 depends on that user being resampled."""
+    bundle = Bundle.load(tiny_bundle)
+    rows = bundle.split("valid")
+    biases = (BiasSpec.parse("item:popularity_group:MGU@1"),)
+    groups = item_groups(bundle.items, "popularity_group")
+    popular = next(i for i in bundle.items if groups.names[-1] in groups.of(i))
+    before_lists = {row.user_id: [popular] for row in rows}  # GP: all on the popular group
+    # fairer: each user's recommendation from the group of the last item in its history
+    fairer = {row.user_id: [row.history[-1]] for row in rows}
+    history_share = group_shares((row.history for row in rows), groups)
+    under_served = max(groups.names[:-1], key=history_share.__getitem__)
+    other = next(i for i in bundle.items if under_served in groups.of(i))
+
+    def measured(lists: dict[str, list[str]]):
+        return measurement_of(bundle, "valid", rows, lists, biases, 1, len(rows))
+
+    def no_reduction(lists: dict[str, list[str]]) -> float:
+        return bootstrap_no_reduction(bundle, "valid", rows, before, measured(lists), biases)
+
+    before = measured(before_lists)
+    assert no_reduction(before_lists) == 1.0
+    assert no_reduction(fairer) == 0.0
+    one_user = dict(before_lists, **{rows[0].user_id: [other]})
+    chance = no_reduction(one_user)  # the one user is left out with probability (11/12)^12
+    assert 0.2 < chance < 0.5, chance
+    after = measured(one_user)
+    assert after.biases[biases[0].label] < before.biases[biases[0].label]
+    accepted, reason = verdict(before, after, biases, 0.5, chance, confidence=0.8)
+    assert not accepted and "noise" in reason
+    assert verdict(before, after, biases, 0.5, chance, confidence=0.0)[0]
