@@ -12,9 +12,9 @@ import torch
 from fudlr.data.bundle import Bundle
 from fudlr.data.jsonl import write_rows
 from fudlr.errors import InputError
-from fudlr.fairness.groups import item_groups
+from fudlr.fairness.groups import item_groups, user_groups
 from fudlr.fairness.metrics import group_shares
-from fudlr.fairness.surrogates import item_share_quantities, sample_pools
+from fudlr.fairness.surrogates import item_share_quantities, loss_quantities, sample_pools
 from fudlr.influence.index import IndexConfig, build_index
 from fudlr.influence.layout import ParameterLayout
 from fudlr.influence.scores import influence_scores, precondition_queries
@@ -111,6 +111,38 @@ def _share_values(model_dir: Path, adapter: Path, bundle: Bundle, rows, pools, g
         groups,
         bundle.item_completions(),
     )
+
+
+def test_each_query_is_the_mean_of_its_per_user_parts(
+    tiny_model: Path, tiny_bundle: Path, tiny_adapter
+) -> None:
+    """The eligibility test's per-user parts: their mean is the query; a user group's
+    log-likelihood part is -U/|group| times the user's loss gradient for members, 0 else."""
+    bundle = Bundle.load(tiny_bundle)
+    rows = bundle.split("valid")
+    groups = item_groups(bundle.items, "popularity_group")
+    pools = sample_pools(rows, groups, per_stratum=2, seed=0)
+    shares = _share_values(tiny_model, tiny_adapter[0], bundle, rows, pools, groups)
+    assert shares.per_user.shape == (len(rows), len(groups.names), shares.gradients.size(1))
+    torch.testing.assert_close(shares.per_user.double().mean(0), shares.gradients)
+
+    base, tokenizer = load_base_model(tiny_model)
+    model = load_adapter(base, tiny_adapter[0], trainable=True)
+    linears = lora_linears(model)
+    genders = user_groups(bundle.users, "gender")
+    losses = loss_quantities(
+        model, tokenizer, linears, ParameterLayout.of(linears), rows, [genders]
+    )
+    torch.testing.assert_close(losses.per_user.double().mean(0), losses.gradients)
+    own = losses.per_user[:, 0]  # the accuracy column: each user's own loss gradient
+    for column, name in enumerate(losses.names[1:], start=1):
+        members = [
+            i for i, row in enumerate(rows) if name.rsplit(":", 1)[1] in genders.of(row.user_id)
+        ]
+        expected = torch.zeros_like(losses.per_user[:, column])
+        expected[members] = -len(rows) / len(members) * own[members]
+        torch.testing.assert_close(losses.per_user[:, column], expected)
+        assert 0 < len(members) < len(rows)
 
 
 def test_predicted_changes_track_retraining_without_the_removed_samples(
