@@ -93,8 +93,8 @@ def sample_pools(
     generation is exactly that item's title (the item, then its nearest titles). An
     item's membership row then counts the groups of that whole list, so the surrogate
     models GP@K rather than only the first recommendation. None means K = 1.
-    `anchors`: per user, items always in the pool with weight 1 — the recommender's own
-    grounded recommendation. A fine-tuned model puts most of its probability on a few
+    `anchors`: per user, items always in the pool with weight 1 — the items its beams
+    ground to (its recommendation first). A fine-tuned model puts most of its probability on a few
     titles; a pool of random titles alone would estimate its distribution from the tail.
     The strata are then sampled among the remaining items, so the estimate of the sum
     over the catalog stays unbiased.

@@ -44,8 +44,10 @@ def beam_search(
     max_new_tokens: int,
     eos_token_id: int,
     length_penalty: float = 1.0,
-) -> list[list[int]]:
-    """Best continuation (without EOS) of each left-padded prompt; num_beams=1 is greedy.
+    returns: int = 1,
+) -> list[list[list[int]]]:
+    """The `returns` best continuations (without EOS, best first) of each left-padded
+    prompt; num_beams=1 is greedy.
 
     A hypothesis ends at EOS or at `max_new_tokens`; its score is the sum of token
     log-probabilities over its length (EOS counted) to the power `length_penalty`. Only
@@ -124,7 +126,8 @@ def beam_search(
         )
         next_position = next_position + 1
         logprobs = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
-    return [max(row_ended, key=lambda hypothesis: hypothesis[0])[1] for row_ended in ended]
+    ranked = [sorted(row_ended, key=lambda hypothesis: -hypothesis[0]) for row_ended in ended]
+    return [[text for _, text in row_ranked[:returns]] for row_ranked in ranked]
 
 
 def generate_completions(
@@ -136,12 +139,14 @@ def generate_completions(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
-) -> list[str]:
-    """The best beam's text for every prompt; prompts are tokenised exactly as in training."""
+    returns: int = 1,
+) -> list[list[str]]:
+    """The `returns` best beams' texts for every prompt (best first; at most num_beams);
+    prompts are tokenised exactly as in training."""
     import torch
 
     device = next(model.parameters()).device
-    completions: list[str] = []
+    completions: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         input_ids, attention_mask = left_pad(
@@ -155,9 +160,11 @@ def generate_completions(
                 num_beams=num_beams,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=tokenizer.eos_token_id,
+                returns=returns,
             )
         completions.extend(
-            text.strip() for text in tokenizer.batch_decode(best, skip_special_tokens=True)
+            [text.strip() for text in tokenizer.batch_decode(texts, skip_special_tokens=True)]
+            for texts in best
         )
         if progress is not None:
             progress(len(chunk))

@@ -113,6 +113,17 @@ class Recommender:
         progress: Callable[[int], None] | None = None,
     ) -> list[str]:
         """One generated title per row (the expensive part of recommending)."""
+        return [texts[0] for texts in self.generate_alternatives(rows, config, 1, progress)]
+
+    def generate_alternatives(
+        self,
+        rows: Sequence[SampleRow],
+        config: RecommendConfig = RecommendConfig(),
+        count: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[list[str]]:
+        """Per row, the `count` best beams' texts (None: all num_beams), best first: the
+        titles the model nearly recommended, from the same beam search."""
         from fudlr.models.device import autocast
         from fudlr.recommender.generate import generate_completions
 
@@ -125,6 +136,7 @@ class Recommender:
                 max_new_tokens=config.max_new_tokens or self.longest_title + 4,
                 batch_size=config.batch_size,
                 progress=progress,
+                returns=count or config.num_beams,
             )
 
     def embed(self, generations: Sequence[str]) -> torch.Tensor:

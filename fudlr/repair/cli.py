@@ -41,7 +41,7 @@ def debias(
     ),
     pool_per_group: int = typer.Option(4, min=1, help="Items scored per user and group."),
     anchored_pools: bool = typer.Option(
-        True, help="Put each query user's own grounded recommendation in its pool."
+        True, help="Put the items each query user's beams ground to in its pool."
     ),
     temperature: float = typer.Option(
         None, min=1e-3, help="Of the surrogate's distribution (default: calibrated per job)."

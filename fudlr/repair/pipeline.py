@@ -140,8 +140,8 @@ class DebiasJob:
         item_biases = [b for b in config.biases if b.side == "item"]
         if item_biases and (config.anchored_pools or config.temperature is None):
             self.control.event(f"recommending for the {len(self.query_rows)} query users")
-            rankings = self.recommender.rank(self.query_rows, config.recommend).rankings
-            anchors = [ranking[:1] for ranking in rankings] if config.anchored_pools else None
+            rankings, anchors = self._recommendations_and_anchors()
+            anchors = anchors if config.anchored_pools else None
         for bias in item_biases:
             groups = self.groups[bias.label]
             pools = sample_pools(
@@ -201,6 +201,25 @@ class DebiasJob:
         )
         self._lap("queries")
         return Quantities.concat(parts), history
+
+    def _recommendations_and_anchors(self) -> tuple[list[list[str]], list[list[str]]]:
+        """The query users' rankings, and per user the items its beams ground to (its
+        recommendation first): the titles decoding picks or nearly picks, where the
+        surrogate's probability mass must be right for its gradient to speak about them."""
+        recommend = self.config.recommend
+        beams = self.recommender.generate_alternatives(self.query_rows, recommend)
+        repeated = [row for row, texts in zip(self.query_rows, beams, strict=True) for _ in texts]
+        grounded = self.recommender.rank_generations(
+            repeated, [text for texts in beams for text in texts], recommend
+        ).rankings
+        rankings, anchors, start = [], [], 0
+        for texts in beams:
+            rankings.append(grounded[start])  # the best beam's: the recommendation
+            anchors.append(
+                list(dict.fromkeys(items[0] for items in grounded[start : start + len(texts)]))
+            )
+            start += len(texts)
+        return rankings, anchors
 
     def scores(
         self, quantities: Quantities, history: dict[str, torch.Tensor]

@@ -64,7 +64,7 @@ class Budget(_Request):
 class Options(_Request):
     """query_users / guard_users: validation users behind the influence queries and the
     guard; test_users: measured before/after (null = all, 0 = skip); step_sizes: tried in
-    order by the guard; anchored_pools: each query user's own recommendation in its pool;
+    order by the guard; anchored_pools: the items each query user's beams ground to in its pool;
     temperature: of the surrogate's recommendation distribution (null = calibrated)."""
 
     query_users: int = Field(128, ge=1)

@@ -251,12 +251,19 @@ def test_beam_search_matches_transformers_generate(
         )
         with torch.no_grad():
             ours = beam_search(
-                model, ids, mask, num_beams=num_beams, max_new_tokens=limit, eos_token_id=eos
+                model,
+                ids,
+                mask,
+                num_beams=num_beams,
+                max_new_tokens=limit,
+                eos_token_id=eos,
+                returns=num_beams,
             )
             theirs = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 num_beams=num_beams,
+                num_return_sequences=num_beams,
                 do_sample=False,
                 early_stopping=True,
                 max_new_tokens=limit,
@@ -265,6 +272,8 @@ def test_beam_search_matches_transformers_generate(
             )
         hook.remove()
         expected = [[t for t in row[ids.size(1) :].tolist() if t != eos] for row in theirs]
-        assert ours == expected, f"EOS bias {eos_bias}"
-        lengths += [len(tokens) for tokens in ours]
+        # every beam, best first, as transformers ranks them (num_return_sequences)
+        flat = [tokens for row in ours for tokens in row]
+        assert flat == expected, f"EOS bias {eos_bias}"
+        lengths += [len(row[0]) for row in ours]
     assert min(lengths) < limit and max(lengths) == limit
