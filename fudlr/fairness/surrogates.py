@@ -355,21 +355,49 @@ def loss_quantities(
     ):
         per_user[indices] = grads
         losses[indices] = batch_losses.double()
-    names = ["accuracy:loss"]
-    values = [losses.mean()]
-    # each quantity as a mean over all users: user u's part of a group's mean is
-    # -(U / |group|) ∇ℓ_u for members, 0 for the others
-    parts = [torch.ones(len(rows))]
+    names, parts = _loss_parts(rows, user_groupings)
+    values = parts.double().T @ losses / len(rows)
+    user_parts = parts[:, :, None] * per_user[:, None, :]  # [U, k, dim]
+    gradients = user_parts.double().mean(dim=0)
+    return Quantities(names, values, gradients, user_parts)
+
+
+def loss_values(
+    model: torch.nn.Module,
+    tokenizer,
+    rows: Sequence[SampleRow],
+    user_groupings: Sequence[Groups],
+    *,
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """The values of `loss_quantities` (same order) at the current weights, forward only."""
+    from fudlr.recommender.encoding import length_sorted_batches, per_sample_loss
+
+    encoded = [encode_sample(tokenizer, r.prompt, r.completion, max_length) for r in rows]
+    device = next(model.parameters()).device
+    losses = torch.zeros(len(rows), dtype=torch.float64)
+    with torch.no_grad():
+        for indices, batch in length_sorted_batches(encoded, batch_size, tokenizer.pad_token_id):
+            losses[indices] = per_sample_loss(model, batch.to(device)).double().cpu()
+    _, parts = _loss_parts(rows, user_groupings)
+    return parts.double().T @ losses / len(rows)
+
+
+def _loss_parts(
+    rows: Sequence[SampleRow], user_groupings: Sequence[Groups]
+) -> tuple[list[str], torch.Tensor]:
+    """The loss quantities' names and, per user, its coefficient in each ([U, k]): every
+    quantity is a mean over all users, Σ_u part[u, q]·ℓ_u / U: 1 for the validation loss,
+    -U/|group| for a user group's mean log-likelihood (members only)."""
+    names, parts = ["accuracy:loss"], [torch.ones(len(rows))]
     for grouping in user_groupings:
         for name in grouping.names:
             members = [i for i, row in enumerate(rows) if name in grouping.of(row.user_id)]
             if not members:
                 continue
             names.append(f"user:{grouping.attribute}:loglik:{name}")
-            values.append(-losses[members].mean())
             part = torch.zeros(len(rows))
             part[members] = -len(rows) / len(members)
             parts.append(part)
-    user_parts = torch.stack(parts, dim=1)[:, :, None] * per_user[:, None, :]  # [U, k, dim]
-    gradients = user_parts.double().mean(dim=0)
-    return Quantities(names, torch.stack(values), gradients, user_parts)
+    return names, torch.stack(parts, dim=1)

@@ -54,6 +54,11 @@ class MaskConfig:
             raise InputError("steps must be at least 1")
 
 
+# η = 1 is the full removal; a step that moves few samples can still be far outside the
+# region where the recommender is linear in the weights, so the search goes down to 1/64
+STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 32, 1 / 64)
+
+
 @dataclass(frozen=True)
 class DebiasConfig:
     """A debias job.
@@ -70,7 +75,9 @@ class DebiasConfig:
     largest relative NDCG drop the guard accepts. guard_confidence: the guard accepts a
     step only if, in a paired bootstrap over the guard users, the bias went down in at
     least this fraction of resamples (0 = any measured reduction). step_sizes: η tried in
-    order.
+    order. guard_tries: how many of them the guard measures: the step sizes are first
+    ranked by the surrogates' own objective at θ + ηΔθ (forward passes), and the guard
+    decodes only the best `guard_tries` that improve on the unpatched one.
     accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
     test_users: test users measured before and after (None = all, 0 = skip the test split).
     """
@@ -84,7 +91,8 @@ class DebiasConfig:
     guard_users: int | None = 256
     max_ndcg_drop: float = 0.05
     guard_confidence: float = 0.8
-    step_sizes: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
+    step_sizes: tuple[float, ...] = STEP_SIZES
+    guard_tries: int = 3
     accuracy_k: int | None = None
     test_users: int | None = None
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
@@ -98,6 +106,8 @@ class DebiasConfig:
         check_distinct(self.biases)
         if not self.step_sizes or any(not 0 < eta <= 4 for eta in self.step_sizes):
             raise InputError("step sizes must be in (0, 4]")
+        if self.guard_tries < 1:
+            raise InputError("guard_tries must be at least 1")
         if not 0 <= self.max_ndcg_drop < 1:
             raise InputError("max_ndcg_drop must be in [0, 1)")
         if not 0 <= self.guard_confidence < 1:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fudlr.errors import InputError
 from fudlr.recommender.recommend import RecommendConfig
-from fudlr.repair.config import DebiasConfig, MaskConfig, check_distinct
+from fudlr.repair.config import STEP_SIZES, DebiasConfig, MaskConfig, check_distinct
 from fudlr.repair.spec import BiasSpec
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
@@ -63,9 +63,10 @@ class Budget(_Request):
 
 class Options(_Request):
     """query_users / guard_users: validation users behind the influence queries and the
-    guard; test_users: measured before/after (null = all, 0 = skip); step_sizes: tried in
-    order by the guard; anchored_pools: the items each query user's beams ground to in its pool;
-    temperature: of the surrogate's recommendation distribution (null = calibrated)."""
+    guard; test_users: measured before/after (null = all, 0 = skip); step_sizes: ranked
+    by the surrogates' own objective, and the guard measures the best `guard_tries`;
+    anchored_pools: the items each query user's beams ground to in its pool; temperature:
+    of the surrogate's recommendation distribution (null = calibrated)."""
 
     query_users: int = Field(128, ge=1)
     guard_users: int = Field(256, ge=1)
@@ -76,8 +77,11 @@ class Options(_Request):
     num_beams: int = Field(5, ge=1, le=16)
     precision: Literal["fp32", "bf16"] = "fp32"
     step_sizes: list[float] = Field(
-        default_factory=lambda: [1.0, 0.5, 0.25, 0.125], min_length=1, max_length=16
+        default_factory=lambda: list(STEP_SIZES),
+        min_length=1,
+        max_length=16,
     )
+    guard_tries: int = Field(3, ge=1, le=16)
     seed: int = 0
 
     @field_validator("step_sizes")
@@ -133,6 +137,7 @@ class JobSpec(_Request):
             anchored_pools=options.anchored_pools,
             temperature=options.temperature,
             step_sizes=tuple(options.step_sizes),
+            guard_tries=options.guard_tries,
             recommend=RecommendConfig(num_beams=options.num_beams, precision=options.precision),
             seed=options.seed,
         )
