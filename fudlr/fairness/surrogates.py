@@ -362,28 +362,6 @@ def loss_quantities(
     return Quantities(names, values, gradients, user_parts)
 
 
-def loss_values(
-    model: torch.nn.Module,
-    tokenizer,
-    rows: Sequence[SampleRow],
-    user_groupings: Sequence[Groups],
-    *,
-    max_length: int = 256,
-    batch_size: int = 8,
-) -> torch.Tensor:
-    """The values of `loss_quantities` (same order) at the current weights, forward only."""
-    from fudlr.recommender.encoding import length_sorted_batches, per_sample_loss
-
-    encoded = [encode_sample(tokenizer, r.prompt, r.completion, max_length) for r in rows]
-    device = next(model.parameters()).device
-    losses = torch.zeros(len(rows), dtype=torch.float64)
-    with torch.no_grad():
-        for indices, batch in length_sorted_batches(encoded, batch_size, tokenizer.pad_token_id):
-            losses[indices] = per_sample_loss(model, batch.to(device)).double().cpu()
-    _, parts = _loss_parts(rows, user_groupings)
-    return parts.double().T @ losses / len(rows)
-
-
 def _loss_parts(
     rows: Sequence[SampleRow], user_groupings: Sequence[Groups]
 ) -> tuple[list[str], torch.Tensor]:

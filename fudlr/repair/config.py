@@ -76,8 +76,8 @@ class DebiasConfig:
     step only if, in a paired bootstrap over the guard users, the bias went down in at
     least this fraction of resamples (0 = any measured reduction). step_sizes: η tried in
     order. guard_tries: how many of them the guard measures: the step sizes are first
-    ranked by the surrogates' own objective at θ + ηΔθ (forward passes), and the guard
-    decodes only the best `guard_tries` that improve on the unpatched one.
+    ranked by the hard bias change on the query users (decoded at θ + ηΔθ), and the guard
+    confirms only the best `guard_tries` that improve there, on its own users.
     accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
     test_users: test users measured before and after (None = all, 0 = skip the test split).
     """

@@ -218,6 +218,11 @@ def bootstrap_no_reduction(
     return not_reduced / resamples
 
 
+def ndcg_drop(before: Measurement, after: Measurement) -> float:
+    """The relative NDCG drop (> 0: less accurate; 0 where there was no accuracy to lose)."""
+    return (before.ndcg - after.ndcg) / before.ndcg if before.ndcg > 0 else 0.0
+
+
 def verdict(
     before: Measurement,
     after: Measurement,
@@ -230,7 +235,7 @@ def verdict(
     bootstrap probability `no_reduction` that it is not is at most 1 - `confidence`, and the
     relative NDCG drop is within `max_ndcg_drop`; say why otherwise."""
     change = bias_change(before.biases, after.biases, biases)
-    drop = (before.ndcg - after.ndcg) / before.ndcg if before.ndcg > 0 else 0.0
+    drop = ndcg_drop(before, after)
     noise = f"P(not reduced) {no_reduction:.2f}"
     if change >= 0:
         return False, f"bias not reduced (weighted relative change {change:+.1%}, {noise})"

@@ -167,27 +167,6 @@ def predict(
     return predicted
 
 
-def realised_objective(
-    targets: Sequence[FairnessTarget],
-    values: torch.Tensor,
-    loss_before: float,
-    loss_after: float,
-    config: MaskConfig,
-) -> float:
-    """The mask's objective (without the sparsity term) at quantity values measured after a
-    patch (`values`, all of a job's quantities) instead of the linearised ones: each target
-    relative to its value before (1 = unchanged) plus the loss penalty. What the linear
-    prediction cannot see, the overshoot of a large step, shows here."""
-    fairness = sum(
-        target.weight
-        * target.exact(values[list(target.columns)] - target.values)
-        / max(target.exact(torch.zeros_like(target.values)), 1e-12)
-        for target in targets
-    )
-    loss_increase = max(loss_after - loss_before, 0.0) / max(abs(loss_before), 1e-12)
-    return float(fairness) + config.alpha * loss_increase
-
-
 def _eps(target: FairnessTarget, config: MaskConfig) -> float:
     scale = float((target.values - target.reference).abs().max())
     return max(config.smoothing * scale, 1e-9)

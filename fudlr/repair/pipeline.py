@@ -342,101 +342,68 @@ class DebiasJob:
     def _user_groupings(self) -> list:
         return [self.groups[b.label] for b in self.config.biases if b.side == "user"]
 
-    def surrogate_values(self) -> torch.Tensor:
-        """Every query's value at the model's current weights, in the order of `queries()`,
-        from forward passes only (the same pools and temperatures)."""
-        from fudlr.fairness.surrogates import loss_values, mean_item_shares
-
-        config, values = self.config, []
-        for bias in config.biases:
-            if bias.side == "item":
-                values.append(
-                    mean_item_shares(
-                        self.model,
-                        self.tokenizer,
-                        self.query_rows,
-                        self.pools[bias.label],
-                        self.bundle.item_completions(),
-                        self.temperatures[bias.label],
-                    )
-                )
-        values.append(
-            loss_values(
-                self.model,
-                self.tokenizer,
-                self.query_rows,
-                self._user_groupings(),
-                max_length=config.max_length,
-                batch_size=config.batch_size,
-            )
-        )
-        return torch.cat(values)
-
-    def rank_step_sizes(
-        self, patcher: WeightPatcher, quantities: Quantities, history: dict[str, torch.Tensor]
-    ) -> list[dict]:
-        """Every step size's objective on the surrogates themselves (not their linearisation),
-        best first; `improves`: lower than the unpatched model's, measured the same way, by
-        more than a millionth (less is floating-point noise).
+    def rank_step_sizes(self, patcher: WeightPatcher, before: Measurement) -> list[dict]:
+        """Every step size's hard bias change on the query users (beam search + grounding,
+        like the guard), best first; `improves`: the bias went down and NDCG stayed within
+        the budget. The guard then confirms the best few on its own, separate users.
 
         The Newton step is linear in the removal; the recommender is not. On SmolLM2 a step
-        that removes 8 of 1,500 samples moved the LoRA weights by 19% of their norm and
-        the popularity shares by 10-40x the predicted amount, so the hard metric overshot at
-        every η down to 1/16. The surrogates, evaluated at θ + ηΔθ, see that overshoot at
-        the cost of a forward pass over the query users per η; the guard's expensive
-        decoding then only measures the most promising few.
+        removing 8 of 1,500 samples moved the LoRA weights by 19% of their norm, and the
+        popular group's share of the recommendations fell from 74% to 18% at η = 1 (63% in
+        the histories); the surrogates, evaluated at θ + ηΔθ, moved ten times less than
+        decoding did, so they cannot tell where it overshoots. Decoding the query users
+        (a quarter of the guard's) is what can, and choosing η on them keeps the guard's
+        users out of the choice.
         """
-        from fudlr.repair.mask import realised_objective
+        from fudlr.repair.guard import bias_change, ndcg_drop
 
-        targets = self.targets(quantities, history, torch.zeros(0, len(quantities.names)))
-        loss_column = quantities.columns("accuracy:loss")[0]
-        loss_before = float(quantities.values[loss_column])
-        trials = []
-        for done, eta in enumerate((0.0, *self.config.step_sizes)):
+        config, trials = self.config, []
+        for done, eta in enumerate(config.step_sizes, start=1):
             patcher.apply(eta)
-            values = self.surrogate_values()
-            objective = realised_objective(
-                targets, values, loss_before, float(values[loss_column]), self.config.mask
-            )
+            after = self.measure("valid", self.query_rows)
+            change = bias_change(before.biases, after.biases, config.biases)
+            drop = ndcg_drop(before, after)
             trials.append(
                 {
                     "eta": eta,
-                    "surrogate_objective": objective,
-                    "surrogates": dict(zip(quantities.names, values.tolist(), strict=True)),
+                    "bias_change": change,
+                    "ndcg_drop": drop,
+                    "improves": change < 0 and drop <= config.max_ndcg_drop,
+                    "biases": after.biases,
                 }
             )
-            self.control.step("step sizes on the surrogates", done, len(self.config.step_sizes))
+            self.control.step("step sizes on the query users", done, len(config.step_sizes))
         patcher.restore()
-        unpatched, *trials = trials
-        for trial in trials:
-            margin = 1e-6 * abs(unpatched["surrogate_objective"])
-            trial["improves"] = (
-                trial["surrogate_objective"] < unpatched["surrogate_objective"] - margin
-            )
         self._lap("step search")
-        return sorted(trials, key=lambda trial: trial["surrogate_objective"])
+        return sorted(trials, key=lambda trial: trial["bias_change"])
 
     def surrogate_tracking(
-        self,
-        quantities: Quantities,
-        surrogates: dict[str, float],
-        before: Measurement,
-        after: Measurement,
+        self, quantities: Quantities, before: Measurement, after: Measurement
     ) -> dict:
         """How the surrogates moved under the accepted patch next to the hard metrics.
 
-        Item biases: each group's surrogate share (query users, at the patched weights:
-        `surrogates`) against its GP@K (guard users). A tracking surrogate moves the same way.
+        Item biases: each group's surrogate share (query users, recomputed at the patched
+        weights) against its GP@K (guard users). A tracking surrogate moves the same way.
         """
+        from fudlr.fairness.surrogates import mean_item_shares
+
         tracking = {}
         for bias in self.config.biases:
             if bias.side != "item":
                 continue
+            columns = quantities.columns(f"{bias.label}:share:")
+            shares = mean_item_shares(
+                self.model,
+                self.tokenizer,
+                self.query_rows,
+                self.pools[bias.label],
+                self.bundle.item_completions(),
+                self.temperatures[bias.label],
+            )
             names = self.groups[bias.label].names
             surrogate = {
-                name: surrogates[f"{bias.label}:share:{name}"]
-                - float(quantities.values[quantities.names.index(f"{bias.label}:share:{name}")])
-                for name in names
+                name: float(shares[i] - quantities.values[column])
+                for i, (name, column) in enumerate(zip(names, columns, strict=True))
             }
             hard = {
                 name: after.shares(bias.attribute, bias.k)[name]
@@ -471,11 +438,14 @@ class DebiasJob:
             reason = "no training sample is predicted to reduce the bias within the budget"
             self._reject(out_dir, reason, quantities, scores, selection, metrics, [])
         patcher = WeightPatcher(self.model, self.newton_step(selection))
-        self.control.event(f"trying {len(config.step_sizes)} step sizes on the surrogates")
-        self.step_search = self.rank_step_sizes(patcher, quantities, history)
+        self.control.event(
+            f"trying {len(config.step_sizes)} step sizes on the {len(self.query_rows)} query users"
+        )
+        query_before = self.measure_original("valid", self.query_rows)
+        self.step_search = self.rank_step_sizes(patcher, query_before)
         promising = [trial for trial in self.step_search if trial["improves"]]
         if not promising:
-            reason = "no step size lowers the surrogate objective (the step only overshoots)"
+            reason = "no step size lowers the bias on the query users within the NDCG budget"
             self._reject(out_dir, reason, quantities, scores, selection, metrics, [])
 
         attempts, accepted = [], None
@@ -505,7 +475,7 @@ class DebiasJob:
             )
             self.control.event(f"guard, eta={eta}: {'accepted' if ok else 'rejected'}: {reason}")
             if ok:
-                accepted = (trial, after)
+                accepted = (eta, after)
                 break
         self._lap("guard")
         if accepted is None:
@@ -514,8 +484,7 @@ class DebiasJob:
                 f"eta={a['eta']}: {a['reason']}" for a in attempts
             )
             self._reject(out_dir, reason, quantities, scores, selection, metrics, attempts)
-        trial, after = accepted
-        eta = trial["eta"]
+        eta, after = accepted
         metrics["valid"]["after"] = after.summary()
         if config.test_users != 0:
             test_rows = subset(self.bundle.split("test"), config.test_users, config.seed + 2)
@@ -528,9 +497,7 @@ class DebiasJob:
             self._lap("measure test")
 
         report = self._report(quantities, scores, selection, metrics, attempts, eta)
-        report["surrogate_tracking"] = self.surrogate_tracking(
-            quantities, trial["surrogates"], before, after
-        )
+        report["surrogate_tracking"] = self.surrogate_tracking(quantities, before, after)
         provenance = {
             "parent_adapter_digest": self.index.manifest["adapter_digest"],
             "base_model_digest": self.index.manifest["base_model_digest"],

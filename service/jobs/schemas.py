@@ -64,7 +64,7 @@ class Budget(_Request):
 class Options(_Request):
     """query_users / guard_users: validation users behind the influence queries and the
     guard; test_users: measured before/after (null = all, 0 = skip); step_sizes: ranked
-    by the surrogates' own objective, and the guard measures the best `guard_tries`;
+    by the bias change on the query users, and the guard confirms the best `guard_tries`;
     anchored_pools: the items each query user's beams ground to in its pool; temperature:
     of the surrogate's recommendation distribution (null = calibrated)."""
 

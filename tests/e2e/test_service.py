@@ -128,14 +128,15 @@ def test_a_rejected_repair_fails_with_its_reason_and_publishes_nothing(
             client.wait(job.id, progress=False, poll=0.2, timeout=TIMEOUT)
         error = failed.value.job.error
         assert failed.value.job.state == "failed" and error.code == "repair_rejected"
-        # η = 1e-6 changes the surrogates by less than a millionth: nothing worth decoding
-        assert "no step size lowers the surrogate objective" in error.detail
+        # η = 1e-6 changes no recommendation of the query users: nothing for the guard
+        assert "no step size lowers the bias on the query users" in error.detail
         assert failed.value.job.result_version is None
         assert len(client.versions(recommender)) == versions
         report = client.report(job.id)  # what was found, for diagnosis
         assert report["status"] == "rejected" and report["eta"] is None
         assert report["reason"] == error.detail
         assert [t["eta"] for t in report["step_search"]] == [1e-6] and report["guard"] == []
+        assert report["step_search"][0]["bias_change"] == 0.0
         assert not report["step_search"][0]["improves"] and report["selected"]
         assert "after" not in report["metrics"]["valid"]
 
