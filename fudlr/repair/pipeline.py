@@ -20,6 +20,7 @@ from fudlr.control import Control
 from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
 from fudlr.errors import FudlrError, InputError
+from fudlr.fairness.groups import Groups
 from fudlr.fairness.metrics import group_shares
 from fudlr.fairness.surrogates import Quantities
 from fudlr.repair.config import DebiasConfig, check_job, subset
@@ -68,7 +69,7 @@ class DebiasJob:
         self.config, self.bundle, self.adapter_dir = config, bundle, adapter_dir
         self.control = control or Control()
         self.timings: dict[str, float] = {}
-        self.step_search: list[dict] = []  # every η on the surrogates, best first (run())
+        self.step_search: list[dict] = []  # every η on the query users, best first (run())
         self._clock = time.perf_counter()
         self.groups = check_job(bundle, config)
         self.samples = training_samples(bundle, adapter_dir)
@@ -339,7 +340,7 @@ class DebiasJob:
         self._lap("unlearn")
         return step
 
-    def _user_groupings(self) -> list:
+    def _user_groupings(self) -> list[Groups]:
         return [self.groups[b.label] for b in self.config.biases if b.side == "user"]
 
     def rank_step_sizes(self, patcher: WeightPatcher, before: Measurement) -> list[dict]:
