@@ -122,10 +122,9 @@ def measurement_of(
     ks = sorted({accuracy_k, *(b.k for b in biases)})
     top_lists = {user: list(ranking[: ks[-1]]) for user, ranking in rankings.items()}
     reports = _reports(bundle, split, rows, top_lists, biases, ks)
-    values, groups = {}, {}
+    values, groups = _bias_values(reports, biases), {}
     for bias in biases:
-        at_k = reports[_report_key(bias, biases)]["k"][str(bias.k)]
-        values[bias.label] = _bias_value(bias, at_k)
+        at_k = _at_k(reports, bias, biases)
         if bias.side == "item":
             groups[bias.label] = {"GP": at_k["GP"], "GH": at_k["GH"], "GU": at_k["GU"]}
         else:
@@ -174,8 +173,18 @@ def _reports(
     return reports
 
 
-def _bias_value(bias: BiasSpec, at_k: dict) -> float:
-    return at_k[bias.metric] if bias.side == "item" else at_k["user_gap"]["NDCG"]
+def _at_k(reports: dict[str, dict], bias: BiasSpec, biases: Sequence[BiasSpec]) -> dict:
+    """The metrics at the bias's K from the report that scores it."""
+    return reports[_report_key(bias, biases)]["k"][str(bias.k)]
+
+
+def _bias_values(reports: dict[str, dict], biases: Sequence[BiasSpec]) -> dict[str, float]:
+    """Each bias's hard metric: MGU/DGU of its item groups, or its user groups' NDCG gap."""
+    values = {}
+    for bias in biases:
+        at_k = _at_k(reports, bias, biases)
+        values[bias.label] = at_k[bias.metric] if bias.side == "item" else at_k["user_gap"]["NDCG"]
+    return values
 
 
 def bias_change(before: dict[str, float], after: dict[str, float], biases: Sequence[BiasSpec]):
@@ -203,17 +212,10 @@ def bootstrap_no_reduction(
     not_reduced = 0
     for _ in range(resamples):
         resampled = rng.choices(rows, k=len(rows))
-        values = []
-        for measurement in (before, after):
-            reports = _reports(bundle, split, resampled, measurement.top_lists, biases, ks)
-            values.append(
-                {
-                    bias.label: _bias_value(
-                        bias, reports[_report_key(bias, biases)]["k"][str(bias.k)]
-                    )
-                    for bias in biases
-                }
-            )
+        values = [
+            _bias_values(_reports(bundle, split, resampled, m.top_lists, biases, ks), biases)
+            for m in (before, after)
+        ]
         not_reduced += bias_change(*values, biases) >= 0
     return not_reduced / resamples
 

@@ -20,7 +20,6 @@ from fudlr.control import Control
 from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
 from fudlr.errors import FudlrError, InputError
-from fudlr.fairness.groups import Groups
 from fudlr.fairness.metrics import group_shares
 from fudlr.fairness.surrogates import Quantities
 from fudlr.repair.config import DebiasConfig, check_job, subset
@@ -196,7 +195,7 @@ class DebiasJob:
                 self.linears,
                 self.layout,
                 self.query_rows,
-                self._user_groupings(),
+                [self.groups[b.label] for b in config.biases if b.side == "user"],
                 max_length=config.max_length,
                 batch_size=config.batch_size,
                 control=self.control,
@@ -339,9 +338,6 @@ class DebiasJob:
         step = newton_step(total, self.index.curvature, self.layout, self.index.samples)
         self._lap("unlearn")
         return step
-
-    def _user_groupings(self) -> list[Groups]:
-        return [self.groups[b.label] for b in self.config.biases if b.side == "user"]
 
     def rank_step_sizes(self, patcher: WeightPatcher, before: Measurement) -> list[dict]:
         """Every step size's hard bias change on the query users (beam search + grounding,

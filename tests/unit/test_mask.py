@@ -8,14 +8,9 @@ from fudlr.repair.config import MaskConfig
 from fudlr.repair.mask import FairnessTarget, _t_as_z, fairness_gradient, learn_mask
 
 
-def _problem(helpful: int = 30, n: int = 300, seed: int = 0):
-    """Two groups, 70%/30% recommended against 50%/50% in histories; `helpful` samples each
-    move 1% of the share from group 0 to group 1 when removed, the rest add noise."""
-    generator = torch.Generator().manual_seed(seed)
-    scores = torch.randn(n, 2, generator=generator, dtype=torch.float64) * 1e-4
-    scores[:helpful, 0] -= 0.01
-    scores[:helpful, 1] += 0.01
-    target = FairnessTarget(
+def _target(scores: torch.Tensor) -> FairnessTarget:
+    """Two groups, 70%/30% recommended against 50%/50% in histories; `scores` [n, 2]."""
+    return FairnessTarget(
         "item:g:MGU@1",
         "mgu",
         1.0,
@@ -23,6 +18,16 @@ def _problem(helpful: int = 30, n: int = 300, seed: int = 0):
         reference=torch.tensor([0.5, 0.5], dtype=torch.float64),
         scores=scores,
     )
+
+
+def _problem(helpful: int = 30, n: int = 300, seed: int = 0):
+    """Two groups, 70%/30% recommended against 50%/50% in histories; `helpful` samples each
+    move 1% of the share from group 0 to group 1 when removed, the rest add noise."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n, 2, generator=generator, dtype=torch.float64) * 1e-4
+    scores[:helpful, 0] -= 0.01
+    scores[:helpful, 1] += 0.01
+    target = _target(scores)
     loss_scores = torch.randn(n, generator=generator, dtype=torch.float64) * 1e-4
     return target, loss_scores
 
@@ -77,14 +82,7 @@ def _diffuse(helpful: int, n: int = 300, users: int = 40, seed: int = 0):
     per_user = torch.randn(n, users, 1, generator=generator, dtype=torch.float64) * 1e-3
     per_user[:helpful] -= 1e-3  # mean effect: -1e-3, one standard deviation across users
     per_user = torch.cat([per_user, -per_user], dim=2)
-    target = FairnessTarget(
-        "item:g:MGU@1",
-        "mgu",
-        1.0,
-        values=torch.tensor([0.7, 0.3], dtype=torch.float64),
-        reference=torch.tensor([0.5, 0.5], dtype=torch.float64),
-        scores=per_user.mean(dim=1),
-    )
+    target = _target(per_user.mean(dim=1))
     (direction,) = fairness_gradient([target], MaskConfig())
     loss_scores = torch.zeros(n, dtype=torch.float64)
     return target, loss_scores, per_user @ direction
