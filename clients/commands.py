@@ -193,6 +193,9 @@ def submit(
     guard_confidence: float = typer.Option(
         None, help="Bootstrap probability over guard users that the bias went down."
     ),
+    max_upweight: float = typer.Option(
+        None, help="Also reinforce samples, counted up to this many more times (0: off)."
+    ),
     option: list[str] = typer.Option(
         [], help="Job option KEY=VALUE (query_users, guard_users, num_beams, ...); repeatable."
     ),
@@ -208,6 +211,7 @@ def submit(
             ("max_ndcg_drop", max_ndcg_drop),
             ("fdr", fdr),
             ("guard_confidence", guard_confidence),
+            ("max_upweight", max_upweight),
         )
         if value is not None
     }

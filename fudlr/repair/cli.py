@@ -34,6 +34,9 @@ def debias(
     fdr: float = typer.Option(
         0.05, help="False discovery rate at which a sample must stand out to be removed."
     ),
+    max_upweight: float = typer.Option(
+        0.0, min=0, help="Also reinforce samples, counted up to this many more times (0: off)."
+    ),
     query_users: int = typer.Option(128, min=1, help="Validation users behind the queries."),
     guard_users: int = typer.Option(256, min=1, help="Validation users the guard measures."),
     test_users: int = typer.Option(
@@ -61,7 +64,12 @@ def debias(
 
     config = DebiasConfig(
         biases=tuple(BiasSpec.parse(text) for text in bias),
-        mask=MaskConfig(max_fraction=max_fraction, max_loss_increase=max_loss_increase, fdr=fdr),
+        mask=MaskConfig(
+            max_fraction=max_fraction,
+            max_loss_increase=max_loss_increase,
+            fdr=fdr,
+            max_upweight=max_upweight,
+        ),
         query_users=query_users,
         guard_users=guard_users,
         test_users=test_users,

@@ -29,9 +29,14 @@ class MaskConfig:
     beta: sparsity: removing an eligible sample costs beta times that noise level, so the
     mask stops adding samples whose help has faded. steps: Frank-Wolfe iterations.
     binarize: keep samples with m > 0.5 at weight 1, or keep soft weights.
-    max_fraction: most training samples removed. max_loss_increase: largest predicted
-    relative increase of the validation loss the selection may cause.
+    max_fraction: most training samples removed (or reinforced). max_loss_increase: largest
+    predicted relative increase of the validation loss the selection may cause.
     smoothing: scale of the smoothed |x| and max, relative to each target's initial size.
+    max_upweight: how far a sample may also be *reinforced*: weight down to -max_upweight,
+    i.e. counted up to max_upweight more times (0 = removal only). Removal can only move
+    recommendations away from an over-served group, and they go where the model's next
+    choice lies; a group the model never recommends is reached by reinforcing the samples
+    that teach it (the influence-guided form of reweighting the training set).
     """
 
     alpha: float = 1.0
@@ -42,6 +47,7 @@ class MaskConfig:
     max_fraction: float = 0.2
     max_loss_increase: float = 0.02
     smoothing: float = 0.01
+    max_upweight: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.fdr < 1:
@@ -50,6 +56,8 @@ class MaskConfig:
             raise InputError("max_fraction must be in (0, 1]")
         if min(self.alpha, self.beta, self.max_loss_increase, self.smoothing) < 0:
             raise InputError("alpha, beta, max_loss_increase and smoothing must not be negative")
+        if self.max_upweight < 0:
+            raise InputError("max_upweight must not be negative")
         if self.steps < 1:
             raise InputError("steps must be at least 1")
 

@@ -11,6 +11,9 @@ fixed gradient, so it bottoms out where the gap closes instead of overshooting:
 Frank-Wolfe under the sample budget, then binarised (or kept soft) and cut to the loss
 budget. Only samples whose marginal effect on the fairness terms at m = 0 is significantly
 helpful are eligible (one-sided p-values, Benjamini-Hochberg at false discovery rate `fdr`).
+With `max_upweight` u > 0 a sample may instead be reinforced, m_i ∈ [-u, 0] (counted up to
+u more times): the samples whose removal would significantly *hurt* are the ones whose
+weight helps, and both one-sided tests enter the same Benjamini-Hochberg procedure.
 The noise is the query's own where the per-user marginals are given: the fairness queries
 are averages over a sample of users, so a sample's effect is a mean over those users, with
 a standard error (a t-test per sample). That keeps its power for a diffuse bias, where many
@@ -65,7 +68,8 @@ class FairnessTarget:
 
 @dataclass
 class Selection:
-    """The chosen samples (indices into the training set) with their weights, and predictions."""
+    """The chosen samples (indices into the training set) with their weights (> 0: removed,
+    < 0: reinforced), and predictions."""
 
     indices: list[int]
     weights: torch.Tensor  # [n], zero outside the selection
@@ -99,47 +103,43 @@ def learn_mask(
     config = config or MaskConfig()
     n = loss_scores.numel()
     budget = max(1, int(config.max_fraction * n))
-    initial = {t.label: t.evaluate(torch.zeros_like(t.values), _eps(t, config)) for t in targets}
-    eligible, noise = _eligible(targets, config, user_marginals)
+    bounds, noise = _eligible(targets, config, user_marginals)
+    eligible = int(bounds.ne(0).sum())
     test = "users" if _tests_users(user_marginals) else "samples"
     mask = torch.zeros(n, dtype=torch.float64)
-    if not eligible.any():
+    if not eligible:
         predicted = predict(targets, loss_value, loss_scores, mask)
         return Selection([], mask, predicted, [], 0, test)
-    sparsity = config.beta * noise
+    objective = _Objective(targets, loss_value, loss_scores, config, config.beta * noise, bounds)
     best_value, best_mask = float("inf"), mask
     trace = []
     for step in range(config.steps):
         mask.requires_grad_(True)
-        objective = _objective(mask, targets, initial, loss_value, loss_scores, config, sparsity)
-        (gradient,) = torch.autograd.grad(objective, mask)
+        value = objective(mask)
+        (gradient,) = torch.autograd.grad(value, mask)
         mask = mask.detach()
-        trace.append(objective.item())
+        trace.append(value.item())
         if trace[-1] < best_value:
             best_value, best_mask = trace[-1], mask.clone()
+        # the vertex: the budget's worth of samples that help most, each at its bound
         vertex = torch.zeros_like(mask)
-        gain = torch.where(eligible, -gradient, 0.0)
+        gain = -gradient * bounds
         helpful = torch.topk(gain, budget).indices
-        vertex[helpful[gain[helpful] > 0]] = 1.0
+        helpful = helpful[gain[helpful] > 0]
+        vertex[helpful] = bounds[helpful]
 
         def along(gamma: float, start: torch.Tensor = mask, end: torch.Tensor = vertex) -> float:
-            point = start + gamma * (end - start)
-            objective = _objective(
-                point, targets, initial, loss_value, loss_scores, config, sparsity
-            )
-            return objective.item()
+            return objective(start + gamma * (end - start)).item()
 
         mask = mask + _line_search(along) * (vertex - mask)
         if (step + 1) % 50 == 0 or step + 1 == config.steps:
             control.step("mask", step + 1, config.steps)
 
     if config.binarize:
-        weights = _round(
-            best_mask, gradient, targets, initial, loss_value, loss_scores, config, sparsity
-        )
+        weights = _round(best_mask, -gradient * bounds, objective)
     else:
         weights = _apply_budget(
-            torch.where(best_mask > 0.01, best_mask, 0.0),
+            torch.where(best_mask.abs() > 0.01, best_mask, 0.0),
             best_mask,
             loss_value,
             loss_scores,
@@ -147,7 +147,7 @@ def learn_mask(
         )
     indices = torch.nonzero(weights).flatten().tolist()
     predicted = predict(targets, loss_value, loss_scores, weights)
-    return Selection(indices, weights, predicted, trace, int(eligible.sum()), test)
+    return Selection(indices, weights, predicted, trace, eligible, test)
 
 
 def predict(
@@ -156,32 +156,22 @@ def predict(
     loss_scores: torch.Tensor,
     weights: torch.Tensor,
 ) -> dict[str, float]:
-    """Each target's value before and as predicted after removing `weights` of the samples."""
+    """Each target's value before and as predicted after removing `weights` of the samples
+    (negative weights: reinforcing them)."""
     predicted = {}
     for target in targets:
         predicted[f"{target.label}:before"] = target.exact(torch.zeros_like(target.values))
         predicted[f"{target.label}:after"] = target.exact(weights @ target.scores)
     predicted["valid_loss:before"] = loss_value
     predicted["valid_loss:after"] = loss_value + float(weights @ loss_scores)
-    predicted["removed"] = float(weights.sum())
+    predicted["removed"] = float(weights.clamp(min=0).sum())
+    predicted["reinforced"] = float(-weights.clamp(max=0).sum())
     return predicted
 
 
 def _eps(target: FairnessTarget, config: MaskConfig) -> float:
     scale = float((target.values - target.reference).abs().max())
     return max(config.smoothing * scale, 1e-9)
-
-
-def _fairness(
-    mask: torch.Tensor,
-    targets: Sequence[FairnessTarget],
-    initial: dict[str, torch.Tensor],
-    config: MaskConfig,
-) -> torch.Tensor:
-    return sum(
-        t.weight * t.evaluate(mask @ t.scores, _eps(t, config)) / initial[t.label].clamp(min=1e-12)
-        for t in targets
-    )
 
 
 def fairness_gradient(targets: Sequence[FairnessTarget], config: MaskConfig) -> list[torch.Tensor]:
@@ -206,8 +196,10 @@ def _eligible(
     config: MaskConfig,
     user_marginals: torch.Tensor | None,
 ) -> tuple[torch.Tensor, float]:
-    """Which samples' marginal effects on the fairness terms at m = 0 are significantly
-    helpful (Benjamini-Hochberg at `config.fdr`), and the spread σ of the marginals.
+    """Each sample's bound [n]: 1 where removing it is significantly helpful, -max_upweight
+    where reinforcing it is (its removal significantly harmful), 0 elsewhere
+    (Benjamini-Hochberg at `config.fdr` over every one-sided test made); and the spread σ
+    of the marginals.
 
     With `user_marginals`: a one-sided t-test of each sample's mean over users. Without:
     robust z-scores against the other samples — median and MAD rather than mean and
@@ -224,15 +216,28 @@ def _eligible(
         z_scores = _t_as_z(user_marginals.double())
     else:
         z_scores = (marginal - center) / noise
-    p_values = torch.special.ndtr(z_scores)  # small: removal helps
     n = marginal.numel()
+    tests = [torch.special.ndtr(z_scores)]  # small: removal helps
+    if config.max_upweight > 0:
+        tests.append(torch.special.ndtr(-z_scores))  # small: reinforcing helps
+    discovered = _benjamini_hochberg(torch.cat(tests), config.fdr)
+    bounds = torch.zeros(n, dtype=torch.float64)
+    bounds[discovered[:n] & (marginal < 0)] = 1.0
+    if config.max_upweight > 0:
+        bounds[discovered[n:] & (marginal > 0)] = -config.max_upweight
+    return bounds, noise
+
+
+def _benjamini_hochberg(p_values: torch.Tensor, fdr: float) -> torch.Tensor:
+    """Which hypotheses are discoveries at false discovery rate `fdr` (step-up procedure)."""
+    count = p_values.numel()
     order = torch.argsort(p_values)
-    thresholds = config.fdr * torch.arange(1, n + 1, dtype=torch.float64) / n
-    passing = torch.nonzero((p_values[order] <= thresholds) & (marginal[order] < 0)).flatten()
-    eligible = torch.zeros(n, dtype=torch.bool)
+    thresholds = fdr * torch.arange(1, count + 1, dtype=torch.float64) / count
+    passing = torch.nonzero(p_values[order] <= thresholds).flatten()
+    discovered = torch.zeros(count, dtype=torch.bool)
     if passing.numel():
-        eligible[order[: int(passing.max()) + 1]] = True
-    return eligible & (marginal < 0), noise
+        discovered[order[: int(passing.max()) + 1]] = True
+    return discovered
 
 
 def _tests_users(user_marginals: torch.Tensor | None) -> bool:
@@ -255,18 +260,34 @@ def _t_as_z(user_marginals: torch.Tensor) -> torch.Tensor:
     return torch.sign(t) * magnitude * (8 * freedom + 1) / (8 * freedom + 3)
 
 
-def _objective(
-    mask: torch.Tensor,
-    targets: Sequence[FairnessTarget],
-    initial: dict[str, torch.Tensor],
-    loss_value: float,
-    loss_scores: torch.Tensor,
-    config: MaskConfig,
-    sparsity: float,
-) -> torch.Tensor:
-    loss_increase = torch.relu(mask @ loss_scores) / max(abs(loss_value), 1e-12)
-    fairness = _fairness(mask, targets, initial, config)
-    return fairness + config.alpha * loss_increase + sparsity * mask.sum()
+class _Objective:
+    """The mask's objective as a function of the mask alone. Each sample's weight keeps
+    the sign of its bound, so the sparsity term Σ sign(bound_i) m_i is β σ ‖m‖₁ there."""
+
+    def __init__(
+        self,
+        targets: Sequence[FairnessTarget],
+        loss_value: float,
+        loss_scores: torch.Tensor,
+        config: MaskConfig,
+        sparsity: float,
+        bounds: torch.Tensor,
+    ) -> None:
+        self.targets, self.config = targets, config
+        self.loss_value, self.loss_scores = loss_value, loss_scores
+        self.costs = sparsity * torch.sign(bounds)
+        self.initial = {
+            t.label: t.evaluate(torch.zeros_like(t.values), _eps(t, config)).clamp(min=1e-12)
+            for t in targets
+        }
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        fairness = sum(
+            t.weight * t.evaluate(mask @ t.scores, _eps(t, self.config)) / self.initial[t.label]
+            for t in self.targets
+        )
+        loss_increase = torch.relu(mask @ self.loss_scores) / max(abs(self.loss_value), 1e-12)
+        return fairness + self.config.alpha * loss_increase + mask @ self.costs
 
 
 def _line_search(objective: Callable[[float], float], steps: int = 40) -> float:
@@ -282,37 +303,27 @@ def _line_search(objective: Callable[[float], float], steps: int = 40) -> float:
     return (low + high) / 2
 
 
-def _round(
-    soft: torch.Tensor,
-    gradient: torch.Tensor,
-    targets: Sequence[FairnessTarget],
-    initial: dict[str, torch.Tensor],
-    loss_value: float,
-    loss_scores: torch.Tensor,
-    config: MaskConfig,
-    sparsity: float,
-) -> torch.Tensor:
-    """The best binary mask met while adding the samples in order of their soft weight
-    (ties: the most helpful first), skipping any sample that would break the loss budget.
-    Thresholding a fractional optimum can overshoot badly; the scan keeps the loss budget
-    and cannot end worse than removing nothing."""
-    ranking = sorted(range(soft.numel()), key=lambda i: (-float(soft[i]), float(gradient[i])))
+def _round(soft: torch.Tensor, gain: torch.Tensor, objective: _Objective) -> torch.Tensor:
+    """The best mask at the bounds (1: removed, -max_upweight: reinforced) met while adding
+    the samples in order of their soft weight's size (ties: the most helpful, by `gain`,
+    first), skipping any sample that would break the loss budget. Thresholding a fractional
+    optimum can overshoot badly; the scan keeps the loss budget and cannot end worse than
+    changing nothing."""
+    config, loss_scores = objective.config, objective.loss_scores
+    ranking = sorted(range(soft.numel()), key=lambda i: (-abs(float(soft[i])), -float(gain[i])))
     budget = max(1, int(config.max_fraction * soft.numel()))
-    candidates = [i for i in ranking if soft[i] > 0][:budget]
-    allowed = config.max_loss_increase * abs(loss_value)
+    candidates = [i for i in ranking if soft[i] != 0][:budget]
+    allowed = config.max_loss_increase * abs(objective.loss_value)
+    bound = torch.where(soft > 0, 1.0, -config.max_upweight)
     chosen = torch.zeros_like(soft)
     best = chosen.clone()
-    best_value = _objective(
-        chosen, targets, initial, loss_value, loss_scores, config, sparsity
-    ).item()
+    best_value = objective(chosen).item()
     for index in candidates:
-        chosen[index] = 1.0
+        chosen[index] = bound[index]
         if float(chosen @ loss_scores) > allowed:
             chosen[index] = 0.0  # a later, cheaper sample may still fit
             continue
-        value = _objective(
-            chosen, targets, initial, loss_value, loss_scores, config, sparsity
-        ).item()
+        value = objective(chosen).item()
         if value < best_value:
             best, best_value = chosen.clone(), value
     return best
@@ -325,19 +336,20 @@ def _apply_budget(
     loss_scores: torch.Tensor,
     config: MaskConfig,
 ) -> torch.Tensor:
-    """Keep the `max_fraction` highest-mask samples, then drop the samples that cost the most
-    validation loss until the predicted increase is within `max_loss_increase`."""
+    """Keep the `max_fraction` samples of largest |mask|, then drop the samples that cost the
+    most validation loss until the predicted increase is within `max_loss_increase`."""
     weights = weights.clone()
     limit = int(config.max_fraction * weights.numel())
     chosen = torch.nonzero(weights).flatten()
     if chosen.numel() > limit:
-        keep = chosen[torch.argsort(mask[chosen], descending=True)[:limit]]
+        keep = chosen[torch.argsort(mask[chosen].abs(), descending=True)[:limit]]
         trimmed = torch.zeros_like(weights)
         trimmed[keep] = weights[keep]
         weights = trimmed
     allowed = config.max_loss_increase * abs(loss_value)
     chosen = torch.nonzero(weights).flatten()
-    for index in chosen[torch.argsort(loss_scores[chosen], descending=True)].tolist():
+    costs = weights[chosen] * loss_scores[chosen]
+    for index in chosen[torch.argsort(costs, descending=True)].tolist():
         if float(weights @ loss_scores) <= allowed:
             break
         weights[index] = 0.0

@@ -22,6 +22,7 @@ from fudlr.data.schema import SampleRow
 from fudlr.errors import FudlrError, InputError
 from fudlr.fairness.metrics import group_shares
 from fudlr.fairness.surrogates import Quantities
+from fudlr.recommender.recommend import Ranked
 from fudlr.repair.config import DebiasConfig, check_job, subset
 from fudlr.repair.guard import Measurement
 from fudlr.repair.mask import FairnessTarget, Selection, learn_mask
@@ -110,10 +111,13 @@ class DebiasJob:
             config.recommend,
         )
 
-    def measure_original(self, split: str, rows: Sequence[SampleRow]) -> Measurement:
-        """The unpatched adapter's measurement, computed once per adapter and settings."""
+    def measure_original(
+        self, split: str, rows: Sequence[SampleRow], ranked: Ranked | None = None
+    ) -> Measurement:
+        """The unpatched adapter's measurement, computed once per adapter and settings;
+        from `ranked` (the rows' recommendations, already decoded) where given."""
         from fudlr.paths import cache_dir
-        from fudlr.repair.guard import cached_measure, measurement_key
+        from fudlr.repair.guard import cached_measure, measurement_key, measurement_of
 
         config = self.config
         manifest = self.index.manifest
@@ -125,7 +129,21 @@ class DebiasJob:
             config.k_for_accuracy,
             config.recommend,
         )
-        return cached_measure(cache_dir() / "measurements", key, lambda: self.measure(split, rows))
+
+        def compute() -> Measurement:
+            if ranked is None:
+                return self.measure(split, rows)
+            return measurement_of(
+                self.bundle,
+                split,
+                rows,
+                ranked.by_user(rows),
+                config.biases,
+                config.k_for_accuracy,
+                ranked.exact_matches,
+            )
+
+        return cached_measure(cache_dir() / "measurements", key, compute)
 
     def queries(self) -> tuple[Quantities, dict[str, torch.Tensor]]:
         """Every linearised quantity with its gradient, and each item attribute's GH target."""
@@ -207,21 +225,33 @@ class DebiasJob:
     def _recommendations_and_anchors(self) -> tuple[list[list[str]], list[list[str]]]:
         """The query users' rankings, and per user the items its beams ground to (its
         recommendation first): the titles decoding picks or nearly picks, where the
-        surrogate's probability mass must be right for its gradient to speak about them."""
+        surrogate's probability mass must be right for its gradient to speak about them.
+        The best beams are the recommendations: they are kept as the original's measurement
+        of the query users, which the step search starts from (no second decoding)."""
         recommend = self.config.recommend
         beams = self.recommender.generate_alternatives(self.query_rows, recommend)
         repeated = [row for row, texts in zip(self.query_rows, beams, strict=True) for _ in texts]
         grounded = self.recommender.rank_generations(
             repeated, [text for texts in beams for text in texts], recommend
-        ).rankings
-        rankings, anchors, start = [], [], 0
+        )
+        best, anchors, start = [], [], 0
         for texts in beams:
-            rankings.append(grounded[start])  # the best beam's: the recommendation
+            best.append(start)  # the best beam's: the recommendation
             anchors.append(
-                list(dict.fromkeys(items[0] for items in grounded[start : start + len(texts)]))
+                list(
+                    dict.fromkeys(
+                        items[0] for items in grounded.rankings[start : start + len(texts)]
+                    )
+                )
             )
             start += len(texts)
-        return rankings, anchors
+        recommendations = Ranked(
+            [grounded.generations[i] for i in best],
+            [grounded.grounded_exactly[i] for i in best],
+            [grounded.rankings[i] for i in best],
+        )
+        self.measure_original("valid", self.query_rows, recommendations)
+        return recommendations.rankings, anchors
 
     def scores(
         self, quantities: Quantities, history: dict[str, torch.Tensor]
@@ -339,11 +369,32 @@ class DebiasJob:
         self._lap("unlearn")
         return step
 
-    def rank_step_sizes(self, patcher: WeightPatcher, before: Measurement) -> list[dict]:
+    def predicted_share_changes(
+        self, quantities: Quantities, scores: torch.Tensor, selection: Selection
+    ) -> dict[str, dict[str, float]]:
+        """Per item bias, each group's surrogate share change that the mask predicts for the
+        full step (η = 1): first order, so η times it is the prediction at η."""
+        predicted = {}
+        for bias in self.config.biases:
+            if bias.side == "item":
+                columns = quantities.columns(f"{bias.label}:share:")
+                changes = selection.weights.to(scores.dtype) @ scores[:, columns]
+                names = self.groups[bias.label].names
+                predicted[bias.label] = dict(zip(names, changes.tolist(), strict=True))
+        return predicted
+
+    def rank_step_sizes(
+        self,
+        patcher: WeightPatcher,
+        before: Measurement,
+        predicted: dict[str, dict[str, float]],
+    ) -> list[dict]:
         """Every step size's hard bias change on the query users (beam search + grounding,
         like the guard), best first; `improves`: the bias went down. The guard then confirms
         the best few, accuracy included, on its own users (a few dozen users' NDCG at small K
-        is one or two hits: no basis to veto a step).
+        is one or two hits: no basis to veto a step). Each trial also holds, per item bias,
+        every group's measured GP@K change next to the mask's prediction η·Δshare
+        (`share_changes`): whether the removal moves recommendations where the mask meant to.
 
         The Newton step is linear in the removal; the recommender is not. On SmolLM2 a step
         removing 8 of 1,500 samples moved the LoRA weights by 19% of their norm, and the
@@ -368,12 +419,32 @@ class DebiasJob:
                     "ndcg_drop": drop,
                     "improves": change < 0,
                     "biases": after.biases,
+                    "share_changes": self._share_changes(before, after, predicted, eta),
                 }
             )
             self.control.step("step sizes on the query users", done, len(config.step_sizes))
         patcher.restore()
         self._lap("step search")
         return sorted(trials, key=lambda trial: trial["bias_change"])
+
+    def _share_changes(
+        self,
+        before: Measurement,
+        after: Measurement,
+        predicted: dict[str, dict[str, float]],
+        eta: float,
+    ) -> dict[str, dict[str, dict[str, float]]]:
+        """Per item bias and group: the measured GP@K change and the predicted η·Δshare."""
+        changes = {}
+        for bias in self.config.biases:
+            if bias.side == "item":
+                was = before.shares(bias.attribute, bias.k)
+                now = after.shares(bias.attribute, bias.k)
+                changes[bias.label] = {
+                    group: {"measured": now[group] - was[group], "predicted": eta * change}
+                    for group, change in predicted[bias.label].items()
+                }
+        return changes
 
     def surrogate_tracking(
         self, quantities: Quantities, before: Measurement, after: Measurement
@@ -440,7 +511,8 @@ class DebiasJob:
             f"trying {len(config.step_sizes)} step sizes on the {len(self.query_rows)} query users"
         )
         query_before = self.measure_original("valid", self.query_rows)
-        self.step_search = self.rank_step_sizes(patcher, query_before)
+        predicted_shares = self.predicted_share_changes(quantities, scores, selection)
+        self.step_search = self.rank_step_sizes(patcher, query_before, predicted_shares)
         promising = [trial for trial in self.step_search if trial["improves"]]
         if not promising:
             reason = "no step size lowers the bias on the query users"
@@ -500,7 +572,8 @@ class DebiasJob:
             "parent_adapter_digest": self.index.manifest["adapter_digest"],
             "base_model_digest": self.index.manifest["base_model_digest"],
             "eta": eta,
-            "removed_samples": len(selection.indices),
+            "removed_samples": int((selection.weights > 0).sum()),
+            "reinforced_samples": int((selection.weights < 0).sum()),
             "biases": [bias.label for bias in config.biases],
         }
         save_patched_adapter(self.model, self.adapter_dir, out_dir / "adapter", provenance)

@@ -52,13 +52,16 @@ class Budget(_Request):
     accepts before it refuses to publish. fdr: false discovery rate at which a sample's
     effect on the bias must be significant to be unlearned (higher: more samples).
     guard_confidence: the share of paired bootstrap resamples of the guard users in which
-    the bias must have gone down for a step to be published (0 = any measured drop)."""
+    the bias must have gone down for a step to be published (0 = any measured drop).
+    max_upweight: samples may also be reinforced, counted up to this many more times
+    (0 = removal only)."""
 
     max_fraction: float = Field(0.2, gt=0, le=1)
     max_loss_increase: float = Field(0.02, ge=0)
     max_ndcg_drop: float = Field(0.05, ge=0, lt=1)
     fdr: float = Field(0.05, gt=0, lt=1)
     guard_confidence: float = Field(0.8, ge=0, lt=1)
+    max_upweight: float = Field(0.0, ge=0)
 
 
 class Options(_Request):
@@ -127,6 +130,7 @@ class JobSpec(_Request):
                 max_fraction=budget.max_fraction,
                 max_loss_increase=budget.max_loss_increase,
                 fdr=budget.fdr,
+                max_upweight=budget.max_upweight,
             ),
             max_ndcg_drop=budget.max_ndcg_drop,
             guard_confidence=budget.guard_confidence,

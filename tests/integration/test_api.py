@@ -624,6 +624,13 @@ def test_job_refusals(api: Api, registered: dict, ready: str) -> None:
             "budget.max_fraction",
             "less than or equal",
         ),
+        (
+            {"biases": [BIAS], "budget": {"max_upweight": -1}},
+            422,
+            "validation_error",
+            "budget.max_upweight",
+            "greater than or equal",
+        ),
         ({"biases": [BIAS], "surprise": 1}, 422, "validation_error", "surprise", "Extra inputs"),
         ({"biases": [BIAS], "version": 7}, 404, "not_found", None, "version"),
     ]

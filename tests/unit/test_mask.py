@@ -75,6 +75,33 @@ def test_a_sample_over_the_loss_budget_does_not_block_the_rest() -> None:
     assert selection.predicted["valid_loss:after"] <= 1.02 + 1e-9
 
 
+def test_samples_whose_removal_would_hurt_are_reinforced_when_allowed() -> None:
+    # 30 samples teach the under-served group 1: removing one moves 1% of the share to
+    # group 0; removal alone has nothing to offer
+    target, loss_scores = _problem(helpful=0)
+    target.scores[:30] += torch.tensor([0.01, -0.01], dtype=torch.float64)
+    assert learn_mask([target], 1.0, loss_scores, MaskConfig()).indices == []
+
+    selection = learn_mask([target], 1.0, loss_scores, MaskConfig(max_upweight=2.0))
+    # each reinforced twice: 10 of them close the 0.2 gap, more would overshoot
+    assert set(selection.indices) <= set(range(30)) and len(selection.indices) == 10
+    assert bool((selection.weights[selection.indices] == -2.0).all())
+    assert selection.predicted["reinforced"] == 20.0 and selection.predicted["removed"] == 0.0
+    assert selection.predicted["item:g:MGU@1:after"] < 0.02
+
+
+def test_removal_and_reinforcement_combine() -> None:
+    target, loss_scores = _problem(helpful=5)  # 5 removals close a quarter of the gap
+    target.scores[5:10] += torch.tensor([0.01, -0.01], dtype=torch.float64)
+    selection = learn_mask([target], 1.0, loss_scores, MaskConfig(max_upweight=3.0))
+    weights = selection.weights
+    assert set(selection.indices) <= set(range(10))
+    # the five removals (weight 1) and the five reinforcements (weight -3) together close
+    # the 0.2 gap exactly: 5 x 1% + 5 x 3%
+    assert bool((weights[:5] == 1.0).all()) and bool((weights[5:10] == -3.0).all())
+    assert selection.predicted["item:g:MGU@1:after"] < 0.02
+
+
 def _diffuse(helpful: int, n: int = 300, users: int = 40, seed: int = 0):
     """Per-user share scores [n, U, 2]: `helpful` samples move a little share from the
     over-served group 0 to group 1 for most users, the rest only add user-to-user noise."""

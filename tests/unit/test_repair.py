@@ -221,6 +221,14 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     )
     assert precision >= 0.6 and recall >= 0.3
     assert valid["after"]["biases"][label] < valid["before"]["biases"][label]
+    accepted = next(trial for trial in report["step_search"] if trial["eta"] == report["eta"])
+    shares = accepted["share_changes"][label]
+    print(f"share changes on the query users at eta={report['eta']}: {shares}")
+    # the planted block pushes group 0: unlearning it is predicted to lower that share (the
+    # measured change is a handful of tiny query users' flips: no sign to assert)
+    assert shares["0"]["predicted"] < 0
+    for side in ("predicted", "measured"):  # shares sum to 1 before and after
+        assert abs(sum(group[side] for group in shares.values())) < 1e-5  # GP: 6 decimals
     tracking = report["surrogate_tracking"][label]
     print(f"surrogate tracking: {tracking}")
     assert set(tracking["surrogate_share_change"]) == {"0", "1", "2", "3", "4"}
