@@ -35,8 +35,10 @@ def run_and_write(
     work: Path,
     results_dir: Path,
     port: int = 8799,
+    from_partial: bool = False,
 ) -> dict[str, Any]:
-    """Run every system, then the service (if the profile asks), and write the results."""
+    """Run every system, then the service (if the profile asks), and write the results;
+    `from_partial`: run nothing, write the systems an earlier run in `work` recorded."""
     bench = SystemsBench(profile, model_dir, bundle_dir, work, console.log)
     results: dict[str, Any] = {
         "benchmark": "systems",
@@ -48,10 +50,10 @@ def run_and_write(
         "k": profile.k,
         "precision": profile.precision,
         "num_beams": profile.num_beams,
-        **bench.run(),
+        **(bench.recorded() if from_partial else bench.run()),
     }
     label = item_bias_label(profile.k)
-    if profile.service:
+    if profile.service and not from_partial:
         results["service"] = service(profile, model_dir, bundle_dir, work, label, port)
     results["targets"] = targets(results["systems"], profile.k)
     results["fidelity"] = fidelity(results["systems"], profile.k, label)
@@ -118,23 +120,37 @@ def main() -> None:
         help="beam width for every system (default: 5 where bf16 is native, else greedy)",
     )
     parser.add_argument("--no-service", action="store_true", help="skip the HTTP service run")
+    parser.add_argument(
+        "--no-scaling", action="store_true", help="skip the sweep over training-set sizes"
+    )
+    parser.add_argument(
+        "--from-partial",
+        action="store_true",
+        help="run nothing: write the results of the systems an earlier run recorded in the "
+        "work folder (one stopped after its systems); run it from the same checkout",
+    )
     parser.add_argument("--port", type=int, default=8799, help="port of the service run")
     args = parser.parse_args()
+    name = "quick" if args.quick else "full"
     profile = replace(
-        PROFILES["quick" if args.quick else "full"],
+        PROFILES[name],
         precision=args.precision,
         num_beams=args.num_beams,
         service=not args.no_service,
+        scaling_sizes=() if args.no_scaling else PROFILES[name].scaling_sizes,
     )
     console.rule(f"systems benchmark, {profile.name} profile: {profile.estimate}")
     work: Path = args.work / profile.name
     bundle_dir = prepare_movielens(work / "bundle", profile.train_size, profile.history_len)
     model_dir = prepare_smollm2(args.work.parent / "models", console.log)
-    # a cache of its own, emptied: no job may reuse a measurement from an earlier run
-    cache = work / "cache"
-    shutil.rmtree(cache, ignore_errors=True)
-    os.environ["FUDLR_CACHE_DIR"] = str(cache)
-    results = run_and_write(profile, model_dir, bundle_dir, work, args.results, args.port)
+    if not args.from_partial:
+        # a cache of its own, emptied: no job may reuse a measurement from an earlier run
+        cache = work / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ["FUDLR_CACHE_DIR"] = str(cache)
+    results = run_and_write(
+        profile, model_dir, bundle_dir, work, args.results, args.port, args.from_partial
+    )
     console.print(markdown(results))
 
 

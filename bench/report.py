@@ -155,13 +155,11 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines += ["", "## Fidelity (relative changes)", ""]
     for name, value in results["fidelity"].items():
         lines.append(f"- {name}: {_shown(name, value)}")
-    lines += [
-        "",
-        "## Scaling",
-        "",
-        "| training samples | retraining s | index s | job s |",
-        "|---|---|---|---|",
-    ]
+    lines += ["", "## Scaling", ""]
+    if not results["scaling"]:
+        lines.append("Not measured in this run.")
+    else:
+        lines += ["| training samples | retraining s | index s | job s |", "|---|---|---|---|"]
     for point in results["scaling"]:
         lines.append(
             f"| {point['train_size']} | {point['retraining_seconds']:.0f} "
@@ -260,9 +258,14 @@ def plot_scaling(results: Mapping[str, Any], path: Path) -> Path:
 
 
 def plot_all(results: Mapping[str, Any], folder: Path, prefix: str) -> list[Path]:
-    return [
+    paths = [
         plot_plane(results, folder / f"{prefix}-plane.png"),
         plot_shares(results, folder / f"{prefix}-shares.png"),
         plot_times(results, folder / f"{prefix}-times.png"),
-        plot_scaling(results, folder / f"{prefix}-scaling.png"),
     ]
+    scaling = folder / f"{prefix}-scaling.png"
+    if results["scaling"]:
+        paths.append(plot_scaling(results, scaling))
+    else:  # not measured: an older run's plot must not pass for this one's
+        scaling.unlink(missing_ok=True)
+    return paths

@@ -103,7 +103,8 @@ PROFILES = {
         guard_users=256,
         query_users=64,
         curvature_samples=256,
-        estimate="about 2.5 hours on 2 CPU cores with native bf16 (far longer in fp32)",
+        estimate="about 3.5 hours on 2 CPU cores with native bf16 (the systems alone, "
+        "--no-scaling --no-service: 2 hours; far longer in fp32)",
     ),
 }
 
@@ -137,12 +138,26 @@ class SystemsBench:
         self.popularity = item_groups(self.bundle.items, ITEM_ATTRIBUTE)
         self.systems: dict[str, dict[str, Any]] = {}
 
+    @property
+    def partial(self) -> Path:
+        return self.work / "systems.partial.json"
+
     def record(self, name: str, entry: dict[str, Any]) -> None:
         """Keep a system's results, and on disk at once: a late failure loses no system."""
         self.systems[name] = entry
-        partial = self.work / "systems.partial.json"
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(self.systems, indent=2) + "\n")
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.partial.write_text(json.dumps(self.systems, indent=2) + "\n")
+
+    def recorded(self) -> dict[str, Any]:
+        """What `run()` returns, from the systems an earlier run recorded (one stopped before
+        its scaling sweep, or killed in it): nothing is run again, no scaling."""
+        if not self.partial.is_file():
+            raise FileNotFoundError(f"no recorded systems at {self.partial}")
+        self.systems = json.loads(self.partial.read_text())
+        missing = [name for name in SYSTEMS if name not in self.systems]
+        if missing:
+            raise ValueError(f"{self.partial} lacks {', '.join(missing)}: rerun the benchmark")
+        return self.summary([])
 
     # --- measuring -------------------------------------------------------------------------
 
@@ -317,6 +332,7 @@ class SystemsBench:
             eligible=report["eligible"],
             removed=len(report["selected"]),
             predicted=report["predicted"],
+            step_search=report["step_search"],
             guard=report["guard"],
             valid=report["metrics"]["valid"],
         )
@@ -373,7 +389,7 @@ class SystemsBench:
     # --- the run -------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        profile, k = self.profile, self.profile.k
+        k = self.profile.k
         original = self.original()
         self.ifairlrs_rr()
         self.ifairlrs_rw(original)
@@ -390,18 +406,21 @@ class SystemsBench:
             self.skipped("random_removal", "FUDLR selected no sample")
         del job
         self.debias("fudlr_multi", original, index_dir, index_seconds, [item_bias, user_bias])
-        scaling = self.scaling(index_seconds)
+        return self.summary(self.scaling(index_seconds))
+
+    def summary(self, scaling: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "train_size": len(self.bundle.split("train")),
             "test_users": len(self.test_rows),
             "valid_users": len(self.valid_rows),
             "systems": {name: self.systems[name] for name in SYSTEMS},
             "scaling": scaling,
-            "profile_settings": asdict(profile),
+            "profile_settings": asdict(self.profile),
         }
 
     def scaling(self, index_seconds: float) -> list[dict[str, Any]]:
-        """Retraining, index and job time at each size; the largest is the main run's."""
+        """Retraining, index and job time at each size; the largest is the main run's
+        (none without `scaling_sizes`)."""
         points = []
         n = len(self.bundle.split("train"))
         biases = [item_bias_label(self.profile.k)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from bench.compare import run_and_write
@@ -71,3 +72,19 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     assert (folder / "latest.md").read_text() == markdown(results)
     for name in ("plane", "shares", "times", "scaling"):
         assert (folder / "plots" / f"latest-{name}.png").read_bytes().startswith(PNG)
+
+    # a run stopped after its systems: its recorded systems are written as they are
+    partial = run_and_write(
+        replace(profile, scaling_sizes=()),
+        tiny_model,
+        bundle,
+        tmp_path / "work",
+        tmp_path / "recovered",
+        from_partial=True,
+    )
+    assert json.loads(json.dumps(partial["systems"])) == json.loads(json.dumps(systems))
+    assert partial["scaling"] == [] and "service" not in partial
+    assert partial["targets"] == results["targets"]
+    recovered = tmp_path / "recovered"
+    assert "Not measured in this run." in (recovered / "latest.md").read_text()
+    assert not (recovered / "plots" / "latest-scaling.png").exists()
