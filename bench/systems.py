@@ -318,7 +318,7 @@ class SystemsBench:
             "work": "the debias job alone (index already built)",
             "index_seconds": index_seconds,
             "published": published,
-            "job_stages": report["seconds"],
+            "job_stages": dict(report["seconds"]),  # the job object lives on (random removal)
         }
         if published:
             entry.update(self.measure_adapter(out / "adapter", name))
