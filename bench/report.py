@@ -201,10 +201,24 @@ def plot_plane(results: Mapping[str, Any], path: Path) -> Path:
     for name, system in results["systems"].items():
         if system.get("metrics") is not None:
             points.setdefault((at_k(system, k, "MGU"), at_k(system, k, "NDCG")), []).append(name)
-    for (x, y), names in points.items():  # systems that coincide share one label
+    x_span = (max(x for x, _ in points) - min(x for x, _ in points)) or 1.0
+    y_span = (max(y for _, y in points) - min(y for _, y in points)) or 1.0
+    labelled: list[tuple[float, float]] = []
+    for (x, y), names in sorted(points.items()):  # systems that coincide share one label
         axes.scatter([x], [y], s=40)
-        label = " = ".join(names)
-        axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # labels of nearby points are stacked upwards instead of printed over each other
+        crowd = sum(
+            abs(x - other_x) < 0.1 * x_span and abs(y - other_y) < 0.05 * y_span
+            for other_x, other_y in labelled
+        )
+        labelled.append((x, y))
+        axes.annotate(
+            " = ".join(names),
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, 4 + 11 * crowd),
+            fontsize=8,
+        )
     axes.set_xlabel(f"MGU@{k} of popularity groups (lower is fairer)")
     axes.set_ylabel(f"NDCG@{k} (higher is more accurate)")
     axes.set_title(f"fairness-accuracy plane, test split ({results['profile']} profile)")
