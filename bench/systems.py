@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from fudlr.baselines.rerank import ALPHAS, Candidate, choose_alpha, distance_scale, group_bias
 from fudlr.baselines.reweight import ifairlrs_weights
@@ -354,17 +351,13 @@ class SystemsBench:
             },
         )
 
-    def random_removal(self, job: DebiasJob, count: int, eta: float) -> None:
-        """The same Newton step and η as FUDLR's, on `count` random training samples."""
-        from fudlr.repair.mask import Selection
+    def random_removal(self, job: DebiasJob, weights: list[float], eta: float) -> None:
+        """The same Newton step and η as FUDLR's, on as many random training samples with
+        FUDLR's weights (the job's `random_step`: the samples its own control draws)."""
         from fudlr.repair.unlearn import WeightPatcher
 
         started = _clock()
-        n = job.index.samples
-        chosen = sorted(random.Random(self.profile.seed).sample(range(n), count))
-        weights = torch.zeros(n, dtype=torch.float64)
-        weights[chosen] = 1.0
-        patcher = WeightPatcher(job.model, job.newton_step(Selection(chosen, weights, {}, [])))
+        patcher = WeightPatcher(job.model, job.random_step(weights))
         patcher.apply(eta)
         seconds = _clock() - started
         try:
@@ -377,7 +370,7 @@ class SystemsBench:
                 **measured,
                 "seconds": seconds,
                 "work": "gradients of the random samples and the Newton step",
-                "removed": count,
+                "removed": len(weights),
                 "eta": eta,
             },
         )
@@ -400,7 +393,8 @@ class SystemsBench:
         selected = [row["sample_id"] for row in report["selected"]]
         if selected:
             self.retrain_without(selected)
-            self.random_removal(job, len(selected), report["eta"] or 1.0)
+            weights = [row["weight"] for row in report["selected"]]
+            self.random_removal(job, weights, report["eta"] or 1.0)
         else:
             self.skipped("retrain_without_s", "FUDLR selected no sample")
             self.skipped("random_removal", "FUDLR selected no sample")

@@ -46,6 +46,9 @@ def debias(
     anchored_pools: bool = typer.Option(
         True, help="Put the items each query user's beams ground to in its pool."
     ),
+    random_control: bool = typer.Option(
+        True, help="Also measure the accepted step on as many random samples (report only)."
+    ),
     temperature: float = typer.Option(
         None, min=1e-3, help="Of the surrogate's distribution (default: calibrated per job)."
     ),
@@ -77,6 +80,7 @@ def debias(
         guard_confidence=guard_confidence,
         pool_per_group=pool_per_group,
         anchored_pools=anchored_pools,
+        random_control=random_control,
         temperature=temperature,
         recommend=RecommendConfig(num_beams=num_beams, precision=precision),
     )
@@ -94,9 +98,15 @@ def debias(
             build_index(base_model, adapter, data, index, device=device, control=control)
         report = DebiasJob(base_model, adapter, data, index, config, device, control).run(out)
     console.print(result_table(report))
+    random_control = report["random_control"]
+    if random_control is not None:
+        console.print(
+            f"the same step from {random_control['samples']} random samples: bias change "
+            f"{random_control['bias_change']:+.1%} on the validation users"
+        )
     console.print(
         f"repaired adapter: {out / 'adapter'} (eta {report['eta']}, "
-        f"{len(report['selected'])} of {report['training_samples']} samples unlearned)\n"
+        f"{len(report['selected'])} of {report['training_samples']} samples changed)\n"
         f"report: {out / 'report.json'}"
     )
 

@@ -86,6 +86,9 @@ class DebiasConfig:
     order. guard_tries: how many of them the guard measures: the step sizes are first
     ranked by the hard bias change on the query users (decoded at θ + ηΔθ), and the guard
     confirms only the best `guard_tries` that improve there, on its own users.
+    random_control: after the guard accepts a step, measure the same Newton step at the
+    same η on as many random training samples (same weights) on the guard users: whether
+    the selection or any step of that size moved the bias (report only; one more decoding).
     accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
     test_users: test users measured before and after (None = all, 0 = skip the test split).
     """
@@ -101,6 +104,7 @@ class DebiasConfig:
     guard_confidence: float = 0.8
     step_sizes: tuple[float, ...] = STEP_SIZES
     guard_tries: int = 3
+    random_control: bool = True
     accuracy_k: int | None = None
     test_users: int | None = None
     recommend: RecommendConfig = field(default_factory=RecommendConfig)

@@ -69,7 +69,9 @@ class Options(_Request):
     guard; test_users: measured before/after (null = all, 0 = skip); step_sizes: ranked
     by the bias change on the query users, and the guard confirms the best `guard_tries`;
     anchored_pools: the items each query user's beams ground to in its pool; temperature:
-    of the surrogate's recommendation distribution (null = calibrated)."""
+    of the surrogate's recommendation distribution (null = calibrated); random_control:
+    measure the accepted step on as many random samples too (the report's
+    `random_control`)."""
 
     query_users: int = Field(128, ge=1)
     guard_users: int = Field(256, ge=1)
@@ -85,6 +87,7 @@ class Options(_Request):
         max_length=16,
     )
     guard_tries: int = Field(3, ge=1, le=16)
+    random_control: bool = True
     seed: int = 0
 
     @field_validator("step_sizes")
@@ -142,6 +145,7 @@ class JobSpec(_Request):
             temperature=options.temperature,
             step_sizes=tuple(options.step_sizes),
             guard_tries=options.guard_tries,
+            random_control=options.random_control,
             recommend=RecommendConfig(num_beams=options.num_beams, precision=options.precision),
             seed=options.seed,
         )

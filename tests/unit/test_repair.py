@@ -229,6 +229,12 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     assert shares["0"]["predicted"] < 0
     for side in ("predicted", "measured"):  # shares sum to 1 before and after
         assert abs(sum(group[side] for group in shares.values())) < 1e-5  # GP: 6 decimals
+    # the same step from as many random samples: the planted block's removal does better
+    control = report["random_control"]
+    before, after = valid["before"]["biases"][label], valid["after"]["biases"][label]
+    print(f"selected: {after / before - 1:+.1%}; random control: {control['bias_change']:+.1%}")
+    assert control["samples"] == len(selected) and control["eta"] == report["eta"]
+    assert after / before - 1 < control["bias_change"]
     tracking = report["surrogate_tracking"][label]
     print(f"surrogate tracking: {tracking}")
     assert set(tracking["surrogate_share_change"]) == {"0", "1", "2", "3", "4"}
