@@ -136,7 +136,7 @@ def learn_mask(
             control.step("mask", step + 1, config.steps)
 
     if config.binarize:
-        weights = _round(best_mask, -gradient * bounds, objective)
+        weights = _round(best_mask, gain, objective)
     else:
         weights = _apply_budget(
             torch.where(best_mask.abs() > 0.01, best_mask, 0.0),
@@ -273,7 +273,7 @@ class _Objective:
         sparsity: float,
         bounds: torch.Tensor,
     ) -> None:
-        self.targets, self.config = targets, config
+        self.targets, self.config, self.bounds = targets, config, bounds
         self.loss_value, self.loss_scores = loss_value, loss_scores
         self.costs = sparsity * torch.sign(bounds)
         self.initial = {
@@ -314,12 +314,11 @@ def _round(soft: torch.Tensor, gain: torch.Tensor, objective: _Objective) -> tor
     budget = max(1, int(config.max_fraction * soft.numel()))
     candidates = [i for i in ranking if soft[i] != 0][:budget]
     allowed = config.max_loss_increase * abs(objective.loss_value)
-    bound = torch.where(soft > 0, 1.0, -config.max_upweight)
     chosen = torch.zeros_like(soft)
     best = chosen.clone()
     best_value = objective(chosen).item()
     for index in candidates:
-        chosen[index] = bound[index]
+        chosen[index] = objective.bounds[index]
         if float(chosen @ loss_scores) > allowed:
             chosen[index] = 0.0  # a later, cheaper sample may still fit
             continue
