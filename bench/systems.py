@@ -394,7 +394,9 @@ class SystemsBench:
         if selected:
             self.retrain_without(selected)
             weights = [row["weight"] for row in report["selected"]]
-            self.random_removal(job, weights, report["eta"] or 1.0)
+            # the η FUDLR published, else the first one its guard tried
+            eta = report["eta"] or next((trial["eta"] for trial in report["guard"]), 1.0)
+            self.random_removal(job, weights, eta)
         else:
             self.skipped("retrain_without_s", "FUDLR selected no sample")
             self.skipped("random_removal", "FUDLR selected no sample")

@@ -206,3 +206,13 @@ def tiny_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tin
     out = tmp_path_factory.mktemp("tiny-adapter") / "adapter"
     report = train_adapter(tiny_model, Bundle.load(tiny_bundle), out, TINY_RECIPE, device="cpu")
     return out, report
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`fudlr ARGS` in this process: exit code, stdout, stderr."""
+    from clients.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    out, err = capsys.readouterr()
+    return exited.value.code or 0, out, err

@@ -46,8 +46,10 @@ def debias(
     anchored_pools: bool = typer.Option(
         True, help="Put the items each query user's beams ground to in its pool."
     ),
-    random_control: bool = typer.Option(
-        True, help="Also measure the accepted step on as many random samples (report only)."
+    random_control: str = typer.Option(
+        "require",
+        help="The same step from as many random samples: require (the selection must beat "
+        "it), report (measured, not judged) or off.",
     ),
     temperature: float = typer.Option(
         None, min=1e-3, help="Of the surrogate's distribution (default: calibrated per job)."
@@ -102,7 +104,8 @@ def debias(
     if random_control is not None:
         console.print(
             f"the same step from {random_control['samples']} random samples: bias change "
-            f"{random_control['bias_change']:+.1%} on the validation users"
+            f"{random_control['bias_change']:+.1%} on the validation users "
+            f"(P(selection not better) {random_control['p_selection_not_better']:.2f})"
         )
     console.print(
         f"repaired adapter: {out / 'adapter'} (eta {report['eta']}, "

@@ -65,6 +65,7 @@ class MaskConfig:
 # η = 1 is the full removal; a step that moves few samples can still be far outside the
 # region where the recommender is linear in the weights, so the search goes down to 1/64
 STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 32, 1 / 64)
+RANDOM_CONTROL = ("off", "report", "require")
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,11 @@ class DebiasConfig:
     order. guard_tries: how many of them the guard measures: the step sizes are first
     ranked by the hard bias change on the query users (decoded at θ + ηΔθ), and the guard
     confirms only the best `guard_tries` that improve there, on its own users.
-    random_control: after the guard accepts a step, measure the same Newton step at the
-    same η on as many random training samples (same weights) on the guard users: whether
-    the selection or any step of that size moved the bias (report only; one more decoding).
+    random_control: the same Newton step at the same η from as many random training
+    samples (same weights), measured on the guard users: whether the selection or any step
+    of that size moved the bias. "require" (default): the guard accepts a step only if the
+    selection beats it (paired bootstrap, `guard_confidence`; one more decoding per step the
+    guard would otherwise accept); "report": measured after acceptance, not judged; "off".
     accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
     test_users: test users measured before and after (None = all, 0 = skip the test split).
     """
@@ -104,7 +107,7 @@ class DebiasConfig:
     guard_confidence: float = 0.8
     step_sizes: tuple[float, ...] = STEP_SIZES
     guard_tries: int = 3
-    random_control: bool = True
+    random_control: str = "require"
     accuracy_k: int | None = None
     test_users: int | None = None
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
@@ -124,6 +127,12 @@ class DebiasConfig:
             raise InputError("max_ndcg_drop must be in [0, 1)")
         if not 0 <= self.guard_confidence < 1:
             raise InputError("guard_confidence must be in [0, 1)")
+        if self.random_control not in RANDOM_CONTROL:
+            raise InputError(
+                f"random_control must be one of {', '.join(RANDOM_CONTROL)}, "
+                f"not {self.random_control!r}",
+                field="random_control",
+            )
         if (self.temperature is not None and self.temperature <= 0) or self.pool_per_group < 1:
             raise InputError("temperature must be positive and pool_per_group at least 1")
 

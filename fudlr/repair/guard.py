@@ -6,7 +6,8 @@ stayed within the job's tolerance. "Went down" is judged against the guard users
 noise: a paired bootstrap over users gives the probability that the bias did not go down,
 and a step is accepted only if that probability is at most 1 - `confidence`. A few hundred
 users leave a lot of noise in a group share, and trying several step sizes on the same
-users would otherwise publish chance improvements.
+users would otherwise publish chance improvements. And a reduction is the selection's
+only if it beats the same step taken from as many random samples (`beats_control`).
 """
 
 from __future__ import annotations
@@ -252,3 +253,31 @@ def verdict(
             f"bias change {change:+.1%}"
         )
     return True, f"bias change {change:+.1%} ({noise}), NDCG@{before.k} change {-drop:+.1%}"
+
+
+def beats_control(
+    before: Measurement,
+    after: Measurement,
+    control: Measurement,
+    biases: Sequence[BiasSpec],
+    not_better: float,
+    confidence: float,
+) -> tuple[bool, str]:
+    """Accept when the selection's step (`after`) lowered the bias more than the same step
+    from random samples (`control`), and the paired bootstrap probability `not_better` that
+    it did not is at most 1 - `confidence`; say why otherwise. Without this, a step whose
+    size alone moves the bias would be published as the selection's doing."""
+    selected = bias_change(before.biases, after.biases, biases)
+    random_samples = bias_change(before.biases, control.biases, biases)
+    compared = (
+        f"selection {selected:+.1%}, random samples {random_samples:+.1%}, "
+        f"P(not better) {not_better:.2f}"
+    )
+    if bias_change(control.biases, after.biases, biases) >= 0:
+        return False, f"the same step from random samples does as well ({compared})"
+    if not_better > 1 - confidence:
+        return False, (
+            f"the selection's edge over random samples is within the guard users' noise "
+            f"({compared} > {1 - confidence:.2f})"
+        )
+    return True, f"beats random samples ({compared})"

@@ -362,13 +362,17 @@ class DebiasJob:
         return selection
 
     def newton_step(self, selection: Selection) -> dict[str, torch.Tensor]:
+        step = self._newton_step(selection.indices, selection.weights)
+        self._lap("unlearn")
+        return step
+
+    def _newton_step(self, indices: list[int], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The preconditioned step removing `weights` (over all samples) of `indices`."""
         from fudlr.influence.gradients import weighted_sum
         from fudlr.repair.unlearn import newton_step
 
-        total = weighted_sum(self._training_gradients(selection.indices), selection.weights.float())
-        step = newton_step(total, self.index.curvature, self.layout, self.index.samples)
-        self._lap("unlearn")
-        return step
+        total = weighted_sum(self._training_gradients(indices), weights.float())
+        return newton_step(total, self.index.curvature, self.layout, self.index.samples)
 
     def predicted_share_changes(
         self, quantities: Quantities, scores: torch.Tensor, selection: Selection
@@ -428,29 +432,41 @@ class DebiasJob:
         self._lap("step search")
         return sorted(trials, key=lambda trial: trial["bias_change"])
 
-    def random_control(self, selection: Selection, eta: float, before: Measurement) -> dict:
+    def random_control(
+        self,
+        patchers: tuple[WeightPatcher, WeightPatcher],
+        eta: float,
+        before: Measurement,
+        after: Measurement,
+    ) -> dict:
         """The same Newton step at the same η from as many random training samples (the
-        selection's weights, shuffled onto them), measured on the guard users. A selection
-        that matters beats it; where it does not, the step's size, not the samples, moved
-        the bias (on SmolLM2, 3 random samples' step cut MGU@5 as far as FUDLR's 3)."""
-        from fudlr.repair.guard import bias_change
+        selection's weights on them), measured on the guard users and compared with the
+        selection's step (`after`, a paired bootstrap over the guard users). A selection that
+        matters beats it; where it does not, the step's size, not the samples, moved the bias
+        (on SmolLM2, 3 random samples' step cut MGU@5 as far as FUDLR's 3). `patchers`: the
+        selection's, left applied at η, and the random samples'."""
+        from fudlr.repair.guard import bias_change, bootstrap_no_reduction
 
-        patcher = WeightPatcher(
-            self.model, self.random_step(selection.weights[selection.indices].tolist())
-        )
-        patcher.apply(eta)
+        selected, random_samples = patchers
+        selected.restore()  # both steps start from the original weights
+        random_samples.apply(eta)
         try:
-            after = self.measure("valid", self.guard_rows)
+            control = self.measure("valid", self.guard_rows)
         finally:
-            patcher.restore()
-        self._lap("random control")
-        change = bias_change(before.biases, after.biases, self.config.biases)
+            random_samples.restore()
+            selected.apply(eta)
+        biases = self.config.biases
+        not_better = bootstrap_no_reduction(
+            self.bundle, "valid", self.guard_rows, control, after, biases, self.config.seed
+        )
+        change = bias_change(before.biases, control.biases, biases)
         self.control.event(f"random control, eta={eta}: bias change {change:+.1%}")
+        self._lap("random control")
         return {
             "eta": eta,
-            "samples": len(selection.indices),
             "bias_change": change,
-            **after.summary(),
+            "p_selection_not_better": not_better,
+            "measurement": control,
         }
 
     def random_step(self, weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -460,7 +476,7 @@ class DebiasJob:
         chosen = sorted(generator.sample(range(self.index.samples), len(weights)))
         mask = torch.zeros(self.index.samples, dtype=torch.float64)
         mask[chosen] = torch.tensor(list(weights), dtype=torch.float64)
-        return self.newton_step(Selection(chosen, mask, {}, []))
+        return self._newton_step(chosen, mask)
 
     def _share_changes(
         self,
@@ -527,7 +543,7 @@ class DebiasJob:
     def run(self, out_dir: Path) -> dict:
         """All stages; writes out_dir/adapter only on success, out_dir/report.json also when
         nothing is selected or the guard rejects every step (status "rejected", no eta)."""
-        from fudlr.repair.guard import bootstrap_no_reduction, verdict
+        from fudlr.repair.guard import beats_control, bootstrap_no_reduction, verdict
         from fudlr.repair.unlearn import save_patched_adapter
 
         config = self.config
@@ -542,6 +558,11 @@ class DebiasJob:
             reason = "no training sample is predicted to reduce the bias within the budget"
             self._reject(out_dir, reason, quantities, scores, selection, metrics, [])
         patcher = WeightPatcher(self.model, self.newton_step(selection))
+        random_patcher = None
+        if config.random_control != "off":  # made now, while the weights are the original's
+            weights = selection.weights[selection.indices].tolist()
+            random_patcher = WeightPatcher(self.model, self.random_step(weights))
+            self._lap("random control")
         self.control.event(
             f"trying {len(config.step_sizes)} step sizes on the {len(self.query_rows)} query users"
         )
@@ -553,7 +574,7 @@ class DebiasJob:
             reason = "no step size lowers the bias on the query users"
             self._reject(out_dir, reason, quantities, scores, selection, metrics, [])
 
-        attempts, accepted = [], None
+        attempts, accepted, control = [], None, None
         for trial in promising[: config.guard_tries]:
             eta = trial["eta"]
             patcher.apply(eta)
@@ -569,15 +590,20 @@ class DebiasJob:
                 no_reduction,
                 config.guard_confidence,
             )
-            attempts.append(
-                {
-                    "eta": eta,
-                    "accepted": ok,
-                    "reason": reason,
-                    "p_not_reduced": no_reduction,
-                    **after.summary(),
-                }
-            )
+            attempt = {"eta": eta, "p_not_reduced": no_reduction, **after.summary()}
+            if ok and config.random_control == "require":
+                control = self.random_control((patcher, random_patcher), eta, before, after)
+                ok, versus = beats_control(
+                    before,
+                    after,
+                    control["measurement"],
+                    config.biases,
+                    control["p_selection_not_better"],
+                    config.guard_confidence,
+                )
+                reason = versus if not ok else f"{reason}; {versus}"
+                attempt["random_control"] = _control_summary(control, len(selection.indices))
+            attempts.append({**attempt, "accepted": ok, "reason": reason})
             self.control.event(f"guard, eta={eta}: {'accepted' if ok else 'rejected'}: {reason}")
             if ok:
                 accepted = (eta, after)
@@ -591,11 +617,8 @@ class DebiasJob:
             self._reject(out_dir, reason, quantities, scores, selection, metrics, attempts)
         eta, after = accepted
         metrics["valid"]["after"] = after.summary()
-        control = None
-        if config.random_control:
-            patcher.restore()  # the control's step starts from the original weights too
-            control = self.random_control(selection, eta, before)
-            patcher.apply(eta)
+        if config.random_control == "report":
+            control = self.random_control((patcher, random_patcher), eta, before, after)
         if config.test_users != 0:
             test_rows = subset(self.bundle.split("test"), config.test_users, config.seed + 2)
             self.control.event(f"measuring {len(test_rows)} test users after and before")
@@ -607,7 +630,7 @@ class DebiasJob:
             self._lap("measure test")
 
         report = self._report(quantities, scores, selection, metrics, attempts, eta)
-        report["random_control"] = control
+        report["random_control"] = control and _control_summary(control, len(selection.indices))
         report["surrogate_tracking"] = self.surrogate_tracking(quantities, before, after)
         provenance = {
             "parent_adapter_digest": self.index.manifest["adapter_digest"],
@@ -677,6 +700,17 @@ class DebiasJob:
 def _write_report(out_dir: Path, report: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _control_summary(control: dict, samples: int) -> dict:
+    """A random control for the report: its numbers and the random samples' metrics."""
+    return {
+        "eta": control["eta"],
+        "samples": samples,
+        "bias_change": control["bias_change"],
+        "p_selection_not_better": control["p_selection_not_better"],
+        **control["measurement"].summary(),
+    }
 
 
 def _pearson(first: list[float], second: list[float]) -> float | None:

@@ -70,8 +70,8 @@ class Options(_Request):
     by the bias change on the query users, and the guard confirms the best `guard_tries`;
     anchored_pools: the items each query user's beams ground to in its pool; temperature:
     of the surrogate's recommendation distribution (null = calibrated); random_control:
-    measure the accepted step on as many random samples too (the report's
-    `random_control`)."""
+    the same step from as many random samples, which the selection must beat ("require"),
+    or only measured ("report", the report's `random_control`), or "off"."""
 
     query_users: int = Field(128, ge=1)
     guard_users: int = Field(256, ge=1)
@@ -87,7 +87,7 @@ class Options(_Request):
         max_length=16,
     )
     guard_tries: int = Field(3, ge=1, le=16)
-    random_control: bool = True
+    random_control: Literal["off", "report", "require"] = "require"
     seed: int = 0
 
     @field_validator("step_sizes")

@@ -631,6 +631,13 @@ def test_job_refusals(api: Api, registered: dict, ready: str) -> None:
             "budget.max_upweight",
             "greater than or equal",
         ),
+        (
+            {"biases": [BIAS], "options": {"random_control": "maybe"}},
+            422,
+            "validation_error",
+            "options.random_control",
+            "'require'",
+        ),
         ({"biases": [BIAS], "surprise": 1}, 422, "validation_error", "surprise", "Extra inputs"),
         ({"biases": [BIAS], "version": 7}, 404, "not_found", None, "version"),
     ]

@@ -15,7 +15,7 @@ from fudlr.data.fetch import ML100K_FILES, PROVENANCE
 from fudlr.data.prompts import MOVIES
 from fudlr.errors import InputError
 from fudlr.paths import cache_dir
-from tests.conftest import LAYOUTS, TinyMovieLens
+from tests.conftest import LAYOUTS, TinyMovieLens, run_cli
 
 HISTORY = 5  # the history length tiny_bundle is built with
 
@@ -291,15 +291,6 @@ def test_real_movielens_100k_from_the_recbole_wheel(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from clients.cli import main
-
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    out, err = capsys.readouterr()
-    return exited.value.code or 0, out, err
 
 
 def test_cli_builds_a_bundle(

@@ -24,10 +24,15 @@ from fudlr.models.store import load_base_model
 from fudlr.recommender.recommend import RecommendConfig
 from fudlr.recommender.train import train_adapter
 from fudlr.repair.config import DebiasConfig, MaskConfig
-from fudlr.repair.guard import bootstrap_no_reduction, measurement_of, verdict
+from fudlr.repair.guard import (
+    beats_control,
+    bootstrap_no_reduction,
+    measurement_of,
+    verdict,
+)
 from fudlr.repair.pipeline import DebiasJob
 from fudlr.repair.spec import BiasSpec
-from tests.conftest import TINY_RECIPE, planted_bundle
+from tests.conftest import TINY_RECIPE, planted_bundle, run_cli
 
 
 @pytest.mark.parametrize(
@@ -42,6 +47,20 @@ from tests.conftest import TINY_RECIPE, planted_bundle
 def test_malformed_bias_specifications(text: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         BiasSpec.parse(text)
+
+
+def test_an_unknown_random_control_mode_is_one_cli_line(
+    tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = [f"--{name}={tmp_path / name}" for name in ("base-model", "adapter", "out")]
+    args = ["debias", *paths, f"--bundle={tiny_bundle}", "--bias=item:popularity_group:MGU@5"]
+    code, _, err = run_cli([*args, "--random-control", "maybe"], capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "error: field 'random_control': random_control must be one of off, report, require, "
+        "not 'maybe'"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -235,6 +254,9 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     print(f"selected: {after / before - 1:+.1%}; random control: {control['bias_change']:+.1%}")
     assert control["samples"] == len(selected) and control["eta"] == report["eta"]
     assert after / before - 1 < control["bias_change"]
+    # the default "require": the accepted guard attempt judged the selection against it
+    assert report["guard"][-1]["random_control"] == control
+    assert control["p_selection_not_better"] <= 1 - config.guard_confidence
     tracking = report["surrogate_tracking"][label]
     print(f"surrogate tracking: {tracking}")
     assert set(tracking["surrogate_share_change"]) == {"0", "1", "2", "3", "4"}
@@ -289,3 +311,14 @@ def test_the_guard_weighs_a_change_against_the_guard_users_noise(tiny_bundle: Pa
     accepted, reason = verdict(before, after, biases, 0.5, chance, confidence=0.8)
     assert not accepted and "noise" in reason
     assert verdict(before, after, biases, 0.5, chance, confidence=0.0)[0]
+
+    # against a random control: the selection must do better than the random samples' step
+    fairer_after = measured(fairer)
+    beaten = bootstrap_no_reduction(bundle, "valid", rows, before, fairer_after, biases)
+    assert beats_control(before, fairer_after, before, biases, beaten, 0.8)[0]
+    as_good = bootstrap_no_reduction(bundle, "valid", rows, fairer_after, after, biases)
+    accepted, reason = beats_control(before, after, fairer_after, biases, as_good, 0.8)
+    assert not accepted and "does as well" in reason
+    # one user's change against a control that changed nothing: within the noise, as above
+    accepted, reason = beats_control(before, after, before, biases, chance, 0.8)
+    assert not accepted and "noise" in reason
