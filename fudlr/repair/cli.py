@@ -124,13 +124,22 @@ def result_table(report: dict) -> Table:
         table.add_column(f"{split} before", justify="right")
         table.add_column(f"{split} after", justify="right")
     predicted = report["predicted"]
-    rows = [(label, f"{label}:before", f"{label}:after") for label in report["biases"]]
-    for label, before_key, after_key in rows:
-        cells = [f"{predicted[before_key]:.4f} → {predicted[after_key]:.4f}"]
+    for label in report["biases"]:
+        cells = [f"{predicted[f'{label}:before']:.4f} → {predicted[f'{label}:after']:.4f}"]
         for split in splits:
             metrics = report["metrics"][split]
             cells += [f"{metrics[w]['biases'][label]:.4f}" for w in ("before", "after")]
         table.add_row(label, *cells)
+        # the same bias at the other K measured: not judged by the guard, so shown
+        own_k = label.rsplit("@", 1)[1]
+        for k in report["metrics"]["valid"]["before"]["biases_at_k"][label]:
+            if k == own_k:
+                continue
+            cells = [""]
+            for split in splits:
+                metrics = report["metrics"][split]
+                cells += [f"{metrics[w]['biases_at_k'][label][k]:.4f}" for w in ("before", "after")]
+            table.add_row(f"  same at K={k}", *cells)
     accuracy = [
         key for key in report["metrics"]["valid"]["before"] if key.startswith(("NDCG", "HR"))
     ]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from fudlr.data.bundle import Bundle
 from fudlr.data.jsonl import write_rows
@@ -23,6 +24,7 @@ from fudlr.models.lora import load_adapter
 from fudlr.models.store import load_base_model
 from fudlr.recommender.recommend import RecommendConfig
 from fudlr.recommender.train import train_adapter
+from fudlr.repair.cli import result_table
 from fudlr.repair.config import DebiasConfig, MaskConfig
 from fudlr.repair.guard import (
     beats_control,
@@ -257,6 +259,15 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     # the default "require": the accepted guard attempt judged the selection against it
     assert report["guard"][-1]["random_control"] == control
     assert control["p_selection_not_better"] <= 1 - config.guard_confidence
+    # the same bias at the other K: measured, shown in the CLI's table, not judged
+    at_k = valid["after"]["biases_at_k"][label]
+    assert set(at_k) == {"1", "5", "10"} and at_k["1"] == valid["after"]["biases"][label]
+    console = Console(record=True, width=160)
+    console.print(result_table(report))
+    table = console.export_text()
+    for k in ("5", "10"):
+        row = next(line for line in table.splitlines() if f"same at K={k} " in line)
+        assert f"{valid['after']['biases_at_k'][label][k]:.4f}" in row, row
     tracking = report["surrogate_tracking"][label]
     print(f"surrogate tracking: {tracking}")
     assert set(tracking["surrogate_share_change"]) == {"0", "1", "2", "3", "4"}
