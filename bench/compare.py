@@ -37,8 +37,9 @@ def run_and_write(
     port: int = 8799,
     from_partial: bool = False,
 ) -> dict[str, Any]:
-    """Run every system, then the service (if the profile asks), and write the results;
-    `from_partial`: run nothing, write the systems an earlier run in `work` recorded."""
+    """Run every system, the scaling sweep and the service (as the profile asks), and write
+    the results; `from_partial`: take the systems an earlier run in `work` recorded instead
+    of running them (the sweep and the service still run if the profile asks)."""
     bench = SystemsBench(profile, model_dir, bundle_dir, work, console.log)
     results: dict[str, Any] = {
         "benchmark": "systems",
@@ -53,7 +54,7 @@ def run_and_write(
         **(bench.recorded() if from_partial else bench.run()),
     }
     label = item_bias_label(profile.k)
-    if profile.service and not from_partial:
+    if profile.service:
         results["service"] = service(profile, model_dir, bundle_dir, work, label, port)
     results["targets"] = targets(results["systems"], profile.k)
     results["fidelity"] = fidelity(results["systems"], profile.k, label)
@@ -126,8 +127,9 @@ def main() -> None:
     parser.add_argument(
         "--from-partial",
         action="store_true",
-        help="run nothing: write the results of the systems an earlier run recorded in the "
-        "work folder (one stopped after its systems); run it from the same checkout",
+        help="take the systems an earlier run recorded in the work folder (one stopped "
+        "after them) instead of running them, then the scaling sweep and the service run; "
+        "with --no-scaling --no-service nothing runs; use the same checkout",
     )
     parser.add_argument("--port", type=int, default=8799, help="port of the service run")
     args = parser.parse_args()
@@ -143,11 +145,10 @@ def main() -> None:
     work: Path = args.work / profile.name
     bundle_dir = prepare_movielens(work / "bundle", profile.train_size, profile.history_len)
     model_dir = prepare_smollm2(args.work.parent / "models", console.log)
-    if not args.from_partial:
-        # a cache of its own, emptied: no job may reuse a measurement from an earlier run
-        cache = work / "cache"
-        shutil.rmtree(cache, ignore_errors=True)
-        os.environ["FUDLR_CACHE_DIR"] = str(cache)
+    # a cache of its own, emptied: no job may reuse a measurement from an earlier run
+    cache = work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["FUDLR_CACHE_DIR"] = str(cache)
     results = run_and_write(
         profile, model_dir, bundle_dir, work, args.results, args.port, args.from_partial
     )

@@ -146,15 +146,16 @@ class SystemsBench:
         self.partial.write_text(json.dumps(self.systems, indent=2) + "\n")
 
     def recorded(self) -> dict[str, Any]:
-        """What `run()` returns, from the systems an earlier run recorded (one stopped before
-        its scaling sweep, or killed in it): nothing is run again, no scaling."""
+        """What `run()` returns, with the systems an earlier run recorded (one stopped before
+        its scaling sweep, or killed in it) instead of running them; the sweep still runs
+        (its largest size is the recorded FUDLR job)."""
         if not self.partial.is_file():
             raise FileNotFoundError(f"no recorded systems at {self.partial}")
         self.systems = json.loads(self.partial.read_text())
         missing = [name for name in SYSTEMS if name not in self.systems]
         if missing:
             raise ValueError(f"{self.partial} lacks {', '.join(missing)}: rerun the benchmark")
-        return self.summary([])
+        return self.summary(self.scaling(self.systems["fudlr"]["index_seconds"]))
 
     # --- measuring -------------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
 
     # a run stopped after its systems: its recorded systems are written as they are
     partial = run_and_write(
-        replace(profile, scaling_sizes=()),
+        replace(profile, scaling_sizes=(), service=False),
         tiny_model,
         bundle,
         tmp_path / "work",
@@ -88,3 +88,16 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     recovered = tmp_path / "recovered"
     assert "Not measured in this run." in (recovered / "latest.md").read_text()
     assert not (recovered / "plots" / "latest-scaling.png").exists()
+    # ... or followed by the scaling sweep, whose full size is the recorded FUDLR job
+    swept = run_and_write(
+        replace(profile, scaling_sizes=(results["train_size"],), service=False),
+        tiny_model,
+        bundle,
+        tmp_path / "work",
+        tmp_path / "swept",
+        from_partial=True,
+    )
+    [point] = swept["scaling"]
+    assert point["job_seconds"] == fudlr["seconds"]
+    assert point["index_seconds"] == fudlr["index_seconds"]
+    assert point["retraining_seconds"] == systems["original"]["seconds"]
