@@ -163,6 +163,7 @@ class DebiasJob:
             self.control.event(f"recommending for the {len(self.query_rows)} query users")
             rankings, anchors = self._recommendations_and_anchors()
             anchors = anchors if config.anchored_pools else None
+            self._lap("queries: recommendations")
         for bias in item_biases:
             groups = self.groups[bias.label]
             pools = sample_pools(
@@ -187,6 +188,7 @@ class DebiasJob:
                 )
                 self.calibration[bias.label] = {"measured_GP": measured, "l1": distances}
                 self.control.event(f"{bias.label}: surrogate temperature {temperature:g}")
+                self._lap("queries: temperature")
             self.temperatures[bias.label] = temperature
             parts.append(
                 item_share_quantities(
@@ -207,6 +209,7 @@ class DebiasJob:
             history[bias.label] = torch.tensor(
                 [shares[g] for g in groups.names], dtype=torch.float64
             )
+            self._lap("queries: share gradients")
         parts.append(
             loss_quantities(
                 self.model,
@@ -220,7 +223,7 @@ class DebiasJob:
                 control=self.control,
             )
         )
-        self._lap("queries")
+        self._lap("queries: loss gradients")
         return Quantities.concat(parts), history
 
     def _recommendations_and_anchors(self) -> tuple[list[list[str]], list[list[str]]]:
