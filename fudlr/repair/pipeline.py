@@ -595,6 +595,7 @@ class DebiasJob:
             )
             attempt = {"eta": eta, "p_not_reduced": no_reduction, **after.summary()}
             if ok and config.random_control == "require":
+                self._lap("guard")
                 control = self.random_control((patcher, random_patcher), eta, before, after)
                 ok, versus = beats_control(
                     before,
@@ -644,6 +645,9 @@ class DebiasJob:
             "biases": [bias.label for bias in config.biases],
         }
         save_patched_adapter(self.model, self.adapter_dir, out_dir / "adapter", provenance)
+        # back to the original weights: whatever uses the job's model next starts from them
+        # (the benchmark's random removal once added its step on top of the published one)
+        patcher.restore()
         report["seconds"] = self.timings
         _write_report(out_dir, report)
         return report

@@ -272,6 +272,15 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     print(f"surrogate tracking: {tracking}")
     assert set(tracking["surrogate_share_change"]) == {"0", "1", "2", "3", "4"}
 
+    # the job's model is back at the original weights (anything using it next starts there)
+    original = load_adapter(load_base_model(tiny_model)[0], adapter)
+    now = dict(job.model.named_parameters())
+    for name, parameter in original.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(now[name], parameter), name
+    assert set(report["seconds"]) >= {"guard", "random control"}
+    assert report["seconds"]["guard"] > 0
+
     # the repaired adapter: original config byte for byte, loads with stock PEFT, new outputs
     from peft import PeftModel
 
