@@ -146,6 +146,10 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"| {_number(system['metrics']['k'][str(k)]['user_gap']['NDCG'])} "
             f"| {system['seconds']:.0f} | {note} |"
         )
+    # a system measured again after the run (a bug found later), said where it is read
+    corrections = results.get("corrections", [])
+    if corrections:
+        lines += ["", "## Corrected after the run", "", *(f"- {text}" for text in corrections)]
     lines += ["", "## Targets", ""]
     for name, target in results["targets"].items():
         details = ", ".join(

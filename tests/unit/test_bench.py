@@ -70,6 +70,8 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     folder = tmp_path / "results"
     assert json.loads((folder / "latest.json").read_text()) == json.loads(json.dumps(results))
     assert (folder / "latest.md").read_text() == markdown(results)
+    assert "Corrected after the run" not in markdown(results)
+    assert "- measured again" in markdown({**results, "corrections": ["measured again"]})
     for name in ("plane", "shares", "times", "scaling"):
         assert (folder / "plots" / f"latest-{name}.png").read_bytes().startswith(PNG)
 
