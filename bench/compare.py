@@ -35,11 +35,11 @@ def run_and_write(
     work: Path,
     results_dir: Path,
     port: int = 8799,
-    from_partial: bool = False,
+    systems_from: Path | None = None,
 ) -> dict[str, Any]:
     """Run every system, the scaling sweep and the service (as the profile asks), and write
-    the results; `from_partial`: take the systems an earlier run in `work` recorded instead
-    of running them (the sweep and the service still run if the profile asks)."""
+    the results; `systems_from`: take the systems another run recorded there (see
+    `SystemsBench.recorded`) instead of running them."""
     bench = SystemsBench(profile, model_dir, bundle_dir, work, console.log)
     results: dict[str, Any] = {
         "benchmark": "systems",
@@ -51,11 +51,19 @@ def run_and_write(
         "k": profile.k,
         "precision": profile.precision,
         "num_beams": profile.num_beams,
-        **(bench.recorded() if from_partial else bench.run()),
+        **(bench.recorded(systems_from) if systems_from else bench.run()),
     }
+    if systems_from:
+        recorded = json.loads(systems_from.read_text())
+        results["systems_from"] = {
+            "file": str(systems_from),
+            **{key: recorded[key] for key in ("commit", "date") if key in recorded},
+        }
     label = item_bias_label(profile.k)
     if profile.service:
+        adapter = bench.original_adapter() if systems_from else {"retrained": False}
         results["service"] = service(profile, model_dir, bundle_dir, work, label, port)
+        results["service"]["original_adapter"] = adapter
     results["targets"] = targets(results["systems"], profile.k)
     results["fidelity"] = fidelity(results["systems"], profile.k, label)
     write(results, results_dir)
@@ -125,11 +133,13 @@ def main() -> None:
         "--no-scaling", action="store_true", help="skip the sweep over training-set sizes"
     )
     parser.add_argument(
-        "--from-partial",
-        action="store_true",
-        help="take the systems an earlier run recorded in the work folder (one stopped "
-        "after them) instead of running them, then the scaling sweep and the service run; "
-        "with --no-scaling --no-service nothing runs; use the same checkout",
+        "--systems-from",
+        type=Path,
+        metavar="FILE",
+        help="take the systems another run recorded instead of running them: the work "
+        "folder's systems.partial.json (a run stopped after them) or a results JSON (a run "
+        "with --no-scaling --no-service); the sweep and the service still run unless "
+        "skipped; use the same commit",
     )
     parser.add_argument("--port", type=int, default=8799, help="port of the service run")
     args = parser.parse_args()
@@ -150,7 +160,7 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["FUDLR_CACHE_DIR"] = str(cache)
     results = run_and_write(
-        profile, model_dir, bundle_dir, work, args.results, args.port, args.from_partial
+        profile, model_dir, bundle_dir, work, args.results, args.port, args.systems_from
     )
     console.print(markdown(results))
 

@@ -181,6 +181,10 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"({service['job_seconds']:.0f}s from submission to the end as the client saw it), "
             f"{outcome}; the same job run directly: {systems['fudlr']['seconds']:.0f}s.",
         ]
+    adapter = (service or {}).get("original_adapter", {})
+    if adapter.get("retrained"):
+        same = "the same weights" if adapter["same_adapter"] else "DIFFERENT weights"
+        lines.append(f"The original adapter was trained again for it ({same} as the systems').")
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ from fudlr.data.bundle import Bundle
 from fudlr.fairness.groups import item_groups
 from fudlr.fairness.metrics import evaluate
 from fudlr.influence.index import IndexConfig, build_index, training_samples
+from fudlr.models.store import weights_digest
 from fudlr.recommender.recommend import Ranked, RecommendConfig, Recommender
 from fudlr.recommender.train import TrainConfig, train_adapter
 from fudlr.repair.config import DebiasConfig, subset
@@ -145,17 +146,32 @@ class SystemsBench:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self.partial.write_text(json.dumps(self.systems, indent=2) + "\n")
 
-    def recorded(self) -> dict[str, Any]:
-        """What `run()` returns, with the systems an earlier run recorded (one stopped before
-        its scaling sweep, or killed in it) instead of running them; the sweep still runs
-        (its largest size is the recorded FUDLR job)."""
-        if not self.partial.is_file():
-            raise FileNotFoundError(f"no recorded systems at {self.partial}")
-        self.systems = json.loads(self.partial.read_text())
+    def recorded(self, source: Path) -> dict[str, Any]:
+        """What `run()` returns, with the systems another run recorded instead of running
+        them: its `systems.partial.json` (a run stopped after its systems) or its results
+        JSON (a run with --no-scaling --no-service, perhaps on another day: commit it, then
+        run the rest from the same commit). The sweep still runs; its largest size is the
+        recorded FUDLR job."""
+        if not source.is_file():
+            raise FileNotFoundError(f"no recorded systems at {source}")
+        recorded = json.loads(source.read_text())
+        self.systems = recorded.get("systems", recorded)
         missing = [name for name in SYSTEMS if name not in self.systems]
         if missing:
-            raise ValueError(f"{self.partial} lacks {', '.join(missing)}: rerun the benchmark")
+            raise ValueError(f"{source} lacks {', '.join(missing)}: rerun the benchmark")
         return self.summary(self.scaling(self.systems["fudlr"]["index_seconds"]))
+
+    def original_adapter(self) -> dict[str, Any]:
+        """The original adapter in the work folder for the service run: retrained where a
+        run that only took recorded systems lacks it (the recipe is seeded), and compared
+        with the digest the systems' run recorded."""
+        adapter = self.work / "original"
+        if (adapter / "adapter_model.safetensors").is_file():
+            return {"retrained": False}
+        self.log("original adapter missing: training it again for the service run")
+        self.train("original")
+        recorded = self.systems["original"].get("adapter_digest")
+        return {"retrained": True, "same_adapter": recorded == weights_digest(adapter)}
 
     # --- measuring -------------------------------------------------------------------------
 
@@ -212,6 +228,7 @@ class SystemsBench:
                 **self.scored(ranked),
                 "seconds": seconds,
                 "work": "one fine-tuning run (the recipe every retraining repeats)",
+                "adapter_digest": weights_digest(adapter),
             },
         )
         return adapter

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from bench.compare import run_and_write
 from bench.report import markdown
-from bench.systems import SYSTEMS, BenchProfile
+from bench.systems import SYSTEMS, BenchProfile, SystemsBench
 from fudlr.fairness.metrics import DEFAULT_KS
 from tests.conftest import planted_bundle
 
@@ -76,13 +77,14 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
         assert (folder / "plots" / f"latest-{name}.png").read_bytes().startswith(PNG)
 
     # a run stopped after its systems: its recorded systems are written as they are
+    work = tmp_path / "work"
     partial = run_and_write(
         replace(profile, scaling_sizes=(), service=False),
         tiny_model,
         bundle,
-        tmp_path / "work",
+        work,
         tmp_path / "recovered",
-        from_partial=True,
+        systems_from=work / "systems.partial.json",
     )
     assert json.loads(json.dumps(partial["systems"])) == json.loads(json.dumps(systems))
     assert partial["scaling"] == [] and "service" not in partial
@@ -90,16 +92,25 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     recovered = tmp_path / "recovered"
     assert "Not measured in this run." in (recovered / "latest.md").read_text()
     assert not (recovered / "plots" / "latest-scaling.png").exists()
-    # ... or followed by the scaling sweep, whose full size is the recorded FUDLR job
+    # ... or the systems of another run's results, followed by the scaling sweep (its full
+    # size is the recorded FUDLR job)
     swept = run_and_write(
         replace(profile, scaling_sizes=(results["train_size"],), service=False),
         tiny_model,
         bundle,
-        tmp_path / "work",
+        work,
         tmp_path / "swept",
-        from_partial=True,
+        systems_from=folder / "latest.json",
     )
+    assert swept["systems_from"]["commit"] == results["commit"]
     [point] = swept["scaling"]
     assert point["job_seconds"] == fudlr["seconds"]
     assert point["index_seconds"] == fudlr["index_seconds"]
     assert point["retraining_seconds"] == systems["original"]["seconds"]
+
+    # on a fresh machine the service run trains the original again: the same weights
+    bench = SystemsBench(profile, tiny_model, bundle, work, print)
+    bench.recorded(folder / "latest.json")
+    assert bench.original_adapter() == {"retrained": False}
+    shutil.rmtree(work / "original")
+    assert bench.original_adapter() == {"retrained": True, "same_adapter": True}
