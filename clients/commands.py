@@ -196,6 +196,9 @@ def submit(
     max_upweight: float = typer.Option(
         None, help="Also reinforce samples, counted up to this many more times (0: off)."
     ),
+    max_other_k_increase: float = typer.Option(
+        None, help="Largest relative increase of the bias at the other K (1, 5, 10) accepted."
+    ),
     option: list[str] = typer.Option(
         [], help="Job option KEY=VALUE (query_users, guard_users, num_beams, ...); repeatable."
     ),
@@ -212,6 +215,7 @@ def submit(
             ("fdr", fdr),
             ("guard_confidence", guard_confidence),
             ("max_upweight", max_upweight),
+            ("max_other_k_increase", max_other_k_increase),
         )
         if value is not None
     }

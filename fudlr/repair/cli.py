@@ -34,6 +34,12 @@ def debias(
     fdr: float = typer.Option(
         0.05, help="False discovery rate at which a sample must stand out to be removed."
     ),
+    max_other_k_increase: float = typer.Option(
+        None,
+        min=0,
+        help="Largest relative increase of the bias at the other K (1, 5, 10) the guard "
+        "accepts (default: reported, not judged).",
+    ),
     max_upweight: float = typer.Option(
         0.0, min=0, help="Also reinforce samples, counted up to this many more times (0: off)."
     ),
@@ -83,6 +89,7 @@ def debias(
         pool_per_group=pool_per_group,
         anchored_pools=anchored_pools,
         random_control=random_control,
+        max_other_k_increase=max_other_k_increase,
         temperature=temperature,
         recommend=RecommendConfig(num_beams=num_beams, precision=precision),
     )

@@ -92,6 +92,8 @@ class DebiasConfig:
     of that size moved the bias. "require" (default): the guard accepts a step only if the
     selection beats it (paired bootstrap, `guard_confidence`; one more decoding per step the
     guard would otherwise accept); "report": measured after acceptance, not judged; "off".
+    max_other_k_increase: largest relative increase of each bias at the other reported K
+    (1, 5, 10) the guard accepts; None: measured and reported, not judged.
     accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
     test_users: test users measured before and after (None = all, 0 = skip the test split).
     """
@@ -108,6 +110,7 @@ class DebiasConfig:
     step_sizes: tuple[float, ...] = STEP_SIZES
     guard_tries: int = 3
     random_control: str = "require"
+    max_other_k_increase: float | None = None
     accuracy_k: int | None = None
     test_users: int | None = None
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
@@ -127,6 +130,10 @@ class DebiasConfig:
             raise InputError("max_ndcg_drop must be in [0, 1)")
         if not 0 <= self.guard_confidence < 1:
             raise InputError("guard_confidence must be in [0, 1)")
+        if self.max_other_k_increase is not None and self.max_other_k_increase < 0:
+            raise InputError(
+                "max_other_k_increase must not be negative", field="max_other_k_increase"
+            )
         if self.random_control not in RANDOM_CONTROL:
             raise InputError(
                 f"random_control must be one of {', '.join(RANDOM_CONTROL)}, "

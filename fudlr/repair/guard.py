@@ -272,6 +272,26 @@ def verdict(
     return True, f"bias change {change:+.1%} ({noise}), NDCG@{before.k} change {-drop:+.1%}"
 
 
+def other_k_check(
+    before: Measurement, after: Measurement, biases: Sequence[BiasSpec], max_increase: float
+) -> tuple[bool, str]:
+    """Refuse a step that makes a bias worse at another reported K by more than
+    `max_increase` (relative): a repair of MGU@5 that doubles MGU@1 is not one a user who
+    shows top-1 and top-5 lists wants."""
+    for bias in biases:
+        was, now = before.biases_at_k[bias.label], after.biases_at_k[bias.label]
+        for k in was:
+            if int(k) == bias.k:
+                continue
+            increase = (now[k] - was[k]) / max(abs(was[k]), 1e-12)
+            if increase > max_increase:
+                return False, (
+                    f"{bias.label} at K={k} rose {increase:+.1%} ({was[k]:.4f} -> {now[k]:.4f}; "
+                    f"> {max_increase:.0%} allowed)"
+                )
+    return True, ""
+
+
 def beats_control(
     before: Measurement,
     after: Measurement,

@@ -546,7 +546,12 @@ class DebiasJob:
     def run(self, out_dir: Path) -> dict:
         """All stages; writes out_dir/adapter only on success, out_dir/report.json also when
         nothing is selected or the guard rejects every step (status "rejected", no eta)."""
-        from fudlr.repair.guard import beats_control, bootstrap_no_reduction, verdict
+        from fudlr.repair.guard import (
+            beats_control,
+            bootstrap_no_reduction,
+            other_k_check,
+            verdict,
+        )
         from fudlr.repair.unlearn import save_patched_adapter
 
         config = self.config
@@ -593,6 +598,9 @@ class DebiasJob:
                 no_reduction,
                 config.guard_confidence,
             )
+            if ok and config.max_other_k_increase is not None:
+                ok, other = other_k_check(before, after, config.biases, config.max_other_k_increase)
+                reason = reason if ok else other
             attempt = {"eta": eta, "p_not_reduced": no_reduction, **after.summary()}
             if ok and config.random_control == "require":
                 self._lap("guard")

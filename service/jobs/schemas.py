@@ -54,7 +54,8 @@ class Budget(_Request):
     guard_confidence: the share of paired bootstrap resamples of the guard users in which
     the bias must have gone down for a step to be published (0 = any measured drop).
     max_upweight: samples may also be reinforced, counted up to this many more times
-    (0 = removal only)."""
+    (0 = removal only). max_other_k_increase: largest relative increase of each bias at
+    the other reported K (1, 5, 10) the guard accepts (null = reported, not judged)."""
 
     max_fraction: float = Field(0.2, gt=0, le=1)
     max_loss_increase: float = Field(0.02, ge=0)
@@ -62,6 +63,7 @@ class Budget(_Request):
     fdr: float = Field(0.05, gt=0, lt=1)
     guard_confidence: float = Field(0.8, ge=0, lt=1)
     max_upweight: float = Field(0.0, ge=0)
+    max_other_k_increase: float | None = Field(None, ge=0)
 
 
 class Options(_Request):
@@ -137,6 +139,7 @@ class JobSpec(_Request):
             ),
             max_ndcg_drop=budget.max_ndcg_drop,
             guard_confidence=budget.guard_confidence,
+            max_other_k_increase=budget.max_other_k_increase,
             query_users=options.query_users,
             guard_users=options.guard_users,
             test_users=options.test_users,

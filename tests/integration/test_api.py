@@ -632,6 +632,13 @@ def test_job_refusals(api: Api, registered: dict, ready: str) -> None:
             "greater than or equal",
         ),
         (
+            {"biases": [BIAS], "budget": {"max_other_k_increase": -0.5}},
+            422,
+            "validation_error",
+            "budget.max_other_k_increase",
+            "greater than or equal",
+        ),
+        (
             {"biases": [BIAS], "options": {"random_control": "maybe"}},
             422,
             "validation_error",

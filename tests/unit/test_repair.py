@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from fudlr.repair.guard import (
     beats_control,
     bootstrap_no_reduction,
     measurement_of,
+    other_k_check,
     verdict,
 )
 from fudlr.repair.pipeline import DebiasJob
@@ -339,6 +341,14 @@ def test_the_guard_weighs_a_change_against_the_guard_users_noise(tiny_bundle: Pa
     as_good = bootstrap_no_reduction(bundle, "valid", rows, fairer_after, after, biases)
     accepted, reason = beats_control(before, after, fairer_after, biases, as_good, 0.8)
     assert not accepted and "does as well" in reason
+    # the same bias at another K: judged only against the job's tolerance
+    label = biases[0].label
+    was = replace(before, biases_at_k={label: {"1": 0.10, "5": 0.20}})
+    slightly = replace(before, biases_at_k={label: {"1": 0.0, "5": 0.25}})
+    doubled = replace(before, biases_at_k={label: {"1": 0.0, "5": 0.40}})
+    assert other_k_check(was, slightly, biases, 0.5) == (True, "")
+    accepted, reason = other_k_check(was, doubled, biases, 0.5)
+    assert not accepted and "at K=5 rose +100.0% (0.2000 -> 0.4000" in reason
     # one user's change against a control that changed nothing: within the noise, as above
     accepted, reason = beats_control(before, after, before, biases, chance, 0.8)
     assert not accepted and "noise" in reason
