@@ -24,9 +24,10 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# FUDLR against the baselines on SmolLM2 + MovieLens-100K (issue 5); full: hours on 2 CPU cores
+# FUDLR against the baselines on SmolLM2 + MovieLens-100K (issue 5); full: hours on 2 CPU cores;
+# in two sittings: BENCH_ARGS="--no-scaling --no-service", then BENCH_ARGS="--systems-from FILE"
 bench: $(STAMP)
-	$(BIN)/python -m bench.compare
+	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.compare --quick
