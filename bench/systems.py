@@ -5,7 +5,8 @@ IFairLRS reweighting (retrain), IFairLRS reranking (no training), FUDLR (index +
 retraining without FUDLR's selection, the same Newton step on random samples, FUDLR on
 two biases — measuring every one on the same test users with the same decoding, and
 timing each system's own work. Then the scaling sweep (index and job time against n)
-and, optionally, the same job through the HTTP service.
+and, optionally, the same job through the HTTP service. A most-popular reference (no
+model) is measured on the same test users to give the systems' numbers a scale.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fudlr.baselines.popularity import interaction_counts, most_popular
 from fudlr.baselines.rerank import ALPHAS, Candidate, choose_alpha, distance_scale, group_bias
 from fudlr.baselines.reweight import ifairlrs_weights
 from fudlr.data.bundle import Bundle
@@ -393,6 +395,16 @@ class SystemsBench:
             },
         )
 
+    def most_popular(self) -> dict[str, Any]:
+        """The reference every system is read against (no model): its accuracy is the floor
+        a recommender must clear, its unfairness the popularity bias at its extreme."""
+        counts = interaction_counts(self.bundle.items)
+        rankings = most_popular(counts, self.test_rows, max(self.profile.ks))
+        return {
+            **self.metrics(rankings),
+            "work": "the catalog's most interacted items outside the user's history",
+        }
+
     def skipped(self, name: str, reason: str) -> None:
         self.log(f"{name}: skipped: {reason}")
         self.record(name, {"skipped": reason, "metrics": None, "seconds": None})
@@ -428,6 +440,7 @@ class SystemsBench:
             "test_users": len(self.test_rows),
             "valid_users": len(self.valid_rows),
             "systems": {name: self.systems[name] for name in SYSTEMS},
+            "references": {"most_popular": self.most_popular()},
             "scaling": scaling,
             "profile_settings": asdict(self.profile),
         }

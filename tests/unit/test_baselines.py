@@ -1,13 +1,15 @@
-"""IFairLRS baselines: the reweighting formula and the reranking's penalty and α choice."""
+"""Baselines: IFairLRS's reweighting formula, its reranking's penalty and α choice, and the
+most-popular reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fudlr.baselines.popularity import interaction_counts, most_popular
 from fudlr.baselines.rerank import Candidate, choose_alpha, distance_scale, group_bias
 from fudlr.baselines.reweight import ifairlrs_weights
-from fudlr.data.schema import SampleRow
+from fudlr.data.schema import ItemRow, SampleRow
 from fudlr.fairness.groups import Groups
 from fudlr.recommender.grounding import rank_by_distance
 
@@ -72,3 +74,17 @@ def test_alpha_is_the_fairest_within_the_accuracy_budget():
     assert choose_alpha(candidates, max_ndcg_drop=0.0).alpha == 0.0
     with pytest.raises(ValueError, match="alpha = 0"):
         choose_alpha(candidates[1:], 0.05)
+
+
+def test_most_popular_ranks_by_count_and_leaves_out_the_history():
+    items = {
+        item_id: ItemRow(item_id=item_id, title=item_id, attributes={"interactions": count})
+        for item_id, count in {"a": 5, "b": 9, "c": 5, "d": 1}.items()
+    }
+    counts = interaction_counts(items)
+    rows = [sample("s1", ["b"], "a"), sample("s2", [], "d").model_copy(update={"user_id": "v"})]
+    rankings = most_popular(counts, rows, k=3)
+    assert rankings == {"u": ["a", "c", "d"], "v": ["b", "a", "c"]}  # ties: smaller id first
+    del items["d"].attributes["interactions"]
+    with pytest.raises(ValueError, match=r"lack the attribute 'interactions', e\.g\. item d"):
+        interaction_counts(items)

@@ -60,6 +60,15 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     if rr["alpha"] == 0.0:  # no reranking chosen: exactly the original's lists
         assert rr["metrics"] == systems["original"]["metrics"]
 
+    # the most-popular reference: on the same test users, from the catalog's counts alone
+    reference = results["references"]["most_popular"]
+    assert reference["metrics"]["users"] == results["test_users"]
+    assert reference["metrics"]["k"]["1"]["GP"]["4"] == 1.0  # every top 1 from the top group
+    fairness = results["targets"]["MGU@1 cut >= 30% with NDCG@1 drop <= 5%"]
+    original_hits = round(systems["original"]["metrics"]["k"]["1"]["HR"] * results["test_users"])
+    assert fairness["hits"]["original"] == original_hits
+    assert fairness["accuracy_resolved"] == (original_hits > 20)
+
     ratio = results["targets"]["job <= 1/10 of retraining"]["ratio"]
     assert ratio == fudlr["seconds"] / systems["original"]["seconds"]
     assert all(isinstance(target["met"], bool) for target in results["targets"].values())
@@ -71,6 +80,7 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     folder = tmp_path / "results"
     assert json.loads((folder / "latest.json").read_text()) == json.loads(json.dumps(results))
     assert (folder / "latest.md").read_text() == markdown(results)
+    assert "| most_popular (reference) |" in markdown(results)
     assert "Corrected after the run" not in markdown(results)
     assert "- measured again" in markdown({**results, "corrections": ["measured again"]})
     for name in ("plane", "shares", "times", "scaling"):
@@ -103,6 +113,22 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
         systems_from=folder / "latest.json",
     )
     assert swept["systems_from"]["commit"] == results["commit"]
+    assert swept["references"] == results["references"]
+    # written again from that file (say, at a later commit, with a correction): the systems
+    # still name the run that measured them, and the correction stays
+    (folder / "corrected.json").write_text(
+        json.dumps({**swept, "commit": "later", "corrections": ["measured again"]})
+    )
+    again = run_and_write(
+        replace(profile, scaling_sizes=(), service=False),
+        tiny_model,
+        bundle,
+        work,
+        tmp_path / "again",
+        systems_from=folder / "corrected.json",
+    )
+    assert again["systems_from"]["commit"] == results["commit"]
+    assert again["corrections"] == ["measured again"]
     [point] = swept["scaling"]
     assert point["job_seconds"] == fudlr["seconds"]
     assert point["index_seconds"] == fudlr["index_seconds"]
