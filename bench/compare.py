@@ -59,7 +59,7 @@ def run_and_write(
         origin = recorded.get("systems_from", recorded)
         results["systems_from"] = {
             "file": str(systems_from),
-            **{key: origin[key] for key in ("commit", "date") if key in origin},
+            **{key: origin[key] for key in ("commit", "date", "machine") if key in origin},
         }
         if "corrections" in recorded:  # what was measured again after that run still holds
             results["corrections"] = recorded["corrections"]

@@ -121,6 +121,23 @@ def _shown(name: str, value: Any) -> str:
     return str(value)
 
 
+def _origin(results: Mapping[str, Any]) -> list[str]:
+    """Where systems taken from another run were measured: the sweep's largest size is
+    that run's job, so a different machine must be said next to the numbers."""
+    origin = results.get("systems_from")
+    if not origin:
+        return []
+    machine = origin.get("machine", "an unrecorded machine")
+    same = " (the same kind)" if machine == results["machine"] else ""
+    return [
+        "",
+        f"The systems were measured by an earlier run (commit {origin.get('commit', '?')}, "
+        f"{origin.get('date', '?')}, {machine}{same}), read from `{origin['file']}`; this run "
+        "added the scaling sweep and the service run where they are shown (the sweep's "
+        "largest size is that run's job).",
+    ]
+
+
 def _row(name: str, system: Mapping[str, Any], k: int, seconds: str, note: str) -> str:
     return (
         f"| {name} | {_number(at_k(system, k, 'NDCG'))} "
@@ -141,6 +158,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"{results['model']} + LoRA on MovieLens-100K: {results['train_size']} training "
         f"windows, {results['test_users']} test users, {results['precision']}, "
         f"{results['num_beams']} beam(s); commit {results['commit']}; {results['machine']}.",
+        *_origin(results),
         "",
         f"| system | NDCG@{k} | HR@{k} | MGU@{k} | DGU@{k} | MGU@{k} genres | "
         f"gender gap NDCG@{k} | seconds | note |",

@@ -128,6 +128,8 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
         systems_from=folder / "corrected.json",
     )
     assert again["systems_from"]["commit"] == results["commit"]
+    assert again["systems_from"]["machine"] == results["machine"]
+    assert f"commit {results['commit']}" in (tmp_path / "again" / "latest.md").read_text()
     assert again["corrections"] == ["measured again"]
     [point] = swept["scaling"]
     assert point["job_seconds"] == fudlr["seconds"]
