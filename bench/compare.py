@@ -3,7 +3,8 @@
 Systems (all SmolLM2-135M-Instruct + LoRA on the same MovieLens-100K bundle and recipe):
 original, IFairLRS reweighting (RW) and reranking (RR), retraining without FUDLR's
 selection, random removal with FUDLR's Newton step, FUDLR, FUDLR on two biases. Writes
-bench/results/<date>.json, latest.json, latest.md and PNG plots in bench/results/plots/.
+bench/results/<date>-<profile>-<commit>.json, latest.json, latest.md and PNG plots in
+bench/results/plots/.
 `--quick` is a smoke profile; the full one takes hours on a small CPU and says so first.
 """
 
@@ -107,7 +108,9 @@ def service(
 def write(results: dict[str, Any], results_dir: Path) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(results, indent=2) + "\n"
-    (results_dir / f"{results['date']}-{results['profile']}.json").write_text(text)
+    # the commit in the name: two runs on one day at different commits keep both files
+    dated = f"{results['date']}-{results['profile']}-{results['commit']}.json"
+    (results_dir / dated).write_text(text)
     (results_dir / "latest.json").write_text(text)
     (results_dir / "latest.md").write_text(markdown(results))
     for path in plot_all(results, results_dir / "plots", "latest"):

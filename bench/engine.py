@@ -6,7 +6,8 @@ On one model and bundle, in one run:
    precision. Target: scoring >= 0.8x training.
 2. cost: wall time of a debias job with its index built vs one retraining of the same
    recipe (the adapter's own training run). Target: job <= 1/10 of retraining.
-Writes bench/results/engine-<date>.json and prints a table. `--quick` is a smoke run.
+Writes bench/results/engine-<profile>-<date>-<commit>.json and prints a table. `--quick` is
+a smoke run.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def main() -> None:
     }
     out_dir = RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"engine-{profile_name}-{results['date']}.json"
+    path = out_dir / f"engine-{profile_name}-{results['date']}-{results['commit']}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / f"engine-{profile_name}-latest.json").write_text(
         json.dumps(results, indent=2) + "\n"

@@ -79,6 +79,8 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
 
     folder = tmp_path / "results"
     assert json.loads((folder / "latest.json").read_text()) == json.loads(json.dumps(results))
+    dated = folder / f"{results['date']}-tiny-{results['commit']}.json"
+    assert dated.read_text() == (folder / "latest.json").read_text()
     assert (folder / "latest.md").read_text() == markdown(results)
     assert "| most_popular (reference) |" in markdown(results)
     assert "Corrected after the run" not in markdown(results)
