@@ -54,16 +54,6 @@ def run_and_write(
         "num_beams": profile.num_beams,
         **(bench.recorded(systems_from) if systems_from else bench.run()),
     }
-    if systems_from:
-        recorded = json.loads(systems_from.read_text())
-        # a file itself written from recorded systems names the run that measured them
-        origin = recorded.get("systems_from", recorded)
-        results["systems_from"] = {
-            "file": str(systems_from),
-            **{key: origin[key] for key in ("commit", "date", "machine") if key in origin},
-        }
-        if "corrections" in recorded:  # what was measured again after that run still holds
-            results["corrections"] = recorded["corrections"]
     label = item_bias_label(profile.k)
     if profile.service:
         adapter = bench.original_adapter() if systems_from else {"retrained": False}

@@ -153,7 +153,8 @@ class SystemsBench:
         them: its `systems.partial.json` (a run stopped after its systems) or its results
         JSON (a run with --no-scaling --no-service, perhaps on another day: commit it, then
         run the rest from the same commit). The sweep still runs; its largest size is the
-        recorded FUDLR job."""
+        recorded FUDLR job. `systems_from` names the run that measured the systems, and that
+        file's `corrections` carry over."""
         if not source.is_file():
             raise FileNotFoundError(f"no recorded systems at {source}")
         recorded = json.loads(source.read_text())
@@ -161,7 +162,17 @@ class SystemsBench:
         missing = [name for name in SYSTEMS if name not in self.systems]
         if missing:
             raise ValueError(f"{source} lacks {', '.join(missing)}: rerun the benchmark")
-        return self.summary(self.scaling(self.systems["fudlr"]["index_seconds"]))
+        # a file itself written from recorded systems names the run that measured them
+        origin = recorded.get("systems_from", recorded)
+        provenance: dict[str, Any] = {
+            "systems_from": {
+                "file": str(source),
+                **{key: origin[key] for key in ("commit", "date", "machine") if key in origin},
+            }
+        }
+        if "corrections" in recorded:  # what was measured again after that run still holds
+            provenance["corrections"] = recorded["corrections"]
+        return {**self.summary(self.scaling(self.systems["fudlr"]["index_seconds"])), **provenance}
 
     def original_adapter(self) -> dict[str, Any]:
         """The original adapter in the work folder for the service run: retrained where a

@@ -13,7 +13,9 @@ from itertools import islice
 from fudlr.data.schema import ItemRow, SampleRow
 
 
-def interaction_counts(items: Mapping[str, ItemRow], attribute: str = "interactions") -> dict:
+def interaction_counts(
+    items: Mapping[str, ItemRow], attribute: str = "interactions"
+) -> dict[str, float]:
     """item id → its count in the catalog's `attribute` (what the popularity groups cut)."""
     missing = [item_id for item_id, item in items.items() if attribute not in item.attributes]
     if missing:

@@ -88,16 +88,15 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     for name in ("plane", "shares", "times", "scaling"):
         assert (folder / "plots" / f"latest-{name}.png").read_bytes().startswith(PNG)
 
-    # a run stopped after its systems: its recorded systems are written as they are
     work = tmp_path / "work"
-    partial = run_and_write(
-        replace(profile, scaling_sizes=(), service=False),
-        tiny_model,
-        bundle,
-        work,
-        tmp_path / "recovered",
-        systems_from=work / "systems.partial.json",
-    )
+
+    def written_from(source: Path, out: str, scaling_sizes: tuple[int, ...] = ()) -> dict:
+        """The results written from recorded systems, without the service run."""
+        changed = replace(profile, scaling_sizes=scaling_sizes, service=False)
+        return run_and_write(changed, tiny_model, bundle, work, tmp_path / out, systems_from=source)
+
+    # a run stopped after its systems: its recorded systems are written as they are
+    partial = written_from(work / "systems.partial.json", "recovered")
     assert json.loads(json.dumps(partial["systems"])) == json.loads(json.dumps(systems))
     assert partial["scaling"] == [] and "service" not in partial
     assert partial["targets"] == results["targets"]
@@ -106,14 +105,7 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     assert not (recovered / "plots" / "latest-scaling.png").exists()
     # ... or the systems of another run's results, followed by the scaling sweep (its full
     # size is the recorded FUDLR job)
-    swept = run_and_write(
-        replace(profile, scaling_sizes=(results["train_size"],), service=False),
-        tiny_model,
-        bundle,
-        work,
-        tmp_path / "swept",
-        systems_from=folder / "latest.json",
-    )
+    swept = written_from(folder / "latest.json", "swept", (results["train_size"],))
     assert swept["systems_from"]["commit"] == results["commit"]
     assert swept["references"] == results["references"]
     # written again from that file (say, at a later commit, with a correction): the systems
@@ -121,14 +113,7 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     (folder / "corrected.json").write_text(
         json.dumps({**swept, "commit": "later", "corrections": ["measured again"]})
     )
-    again = run_and_write(
-        replace(profile, scaling_sizes=(), service=False),
-        tiny_model,
-        bundle,
-        work,
-        tmp_path / "again",
-        systems_from=folder / "corrected.json",
-    )
+    again = written_from(folder / "corrected.json", "again")
     assert again["systems_from"]["commit"] == results["commit"]
     assert again["systems_from"]["machine"] == results["machine"]
     assert f"commit {results['commit']}" in (tmp_path / "again" / "latest.md").read_text()
