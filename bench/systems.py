@@ -358,6 +358,9 @@ class SystemsBench:
         entry.update(
             temperatures=report["temperatures"],
             eligible=report["eligible"],
+            eligibility_test=report["eligibility_test"],
+            selection_test=report["selection_test"],
+            sample_tests=report["sample_tests"],
             removed=len(report["selected"]),
             predicted=report["predicted"],
             step_search=report["step_search"],

@@ -17,15 +17,22 @@ from fudlr.fairness.groups import Groups
 from fudlr.recommender.recommend import RecommendConfig
 from fudlr.repair.spec import BiasSpec
 
+ELIGIBILITY = ("selection", "samples")
+
 
 @dataclass(frozen=True)
 class MaskConfig:
     """Mask learning options.
 
     alpha: weight of the predicted validation-loss increase (relative to the loss).
-    fdr: false discovery rate at which a sample's marginal effect on the unfairness must be
-    significantly helpful to be eligible for removal (a t-test over the query users,
-    Benjamini-Hochberg).
+    eligibility: how the mask tells a bias from the queries' noise. "selection" (default):
+    every sample whose marginal effect helps is a candidate, and the selection is kept only
+    if one of its size, chosen on half of the query users, beats as many random samples on
+    the other half (a cross-fitted one-sided t-test at level `fdr`): its power grows with
+    the selection, so a bias spread thinly over many samples is found. "samples": a sample
+    is a candidate only if its own effect is significantly helpful (a t-test over the query
+    users per sample, Benjamini-Hochberg at false discovery rate `fdr`).
+    fdr: the level of the eligibility test.
     beta: sparsity: removing an eligible sample costs beta times that noise level, so the
     mask stops adding samples whose help has faded. steps: Frank-Wolfe iterations.
     binarize: keep samples with m > 0.5 at weight 1, or keep soft weights.
@@ -40,6 +47,7 @@ class MaskConfig:
     """
 
     alpha: float = 1.0
+    eligibility: str = "selection"
     fdr: float = 0.05
     beta: float = 0.5
     steps: int = 200
@@ -52,6 +60,11 @@ class MaskConfig:
     def __post_init__(self) -> None:
         if not 0 < self.fdr < 1:
             raise InputError("fdr must be in (0, 1)")
+        if self.eligibility not in ELIGIBILITY:
+            raise InputError(
+                f"eligibility must be one of {', '.join(ELIGIBILITY)}, not {self.eligibility!r}",
+                field="eligibility",
+            )
         if not 0 < self.max_fraction <= 1:
             raise InputError("max_fraction must be in (0, 1]")
         if min(self.alpha, self.beta, self.max_loss_increase, self.smoothing) < 0:

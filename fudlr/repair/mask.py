@@ -27,7 +27,7 @@ deviation). Either way pure noise selects nothing, whatever the scale of the sco
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -75,8 +75,12 @@ class Selection:
     weights: torch.Tensor  # [n], zero outside the selection
     predicted: dict[str, float]
     objective_trace: list[float]
-    eligible: int = 0  # samples whose effect stood out at the FDR (the mask's candidates)
-    eligibility_test: str = "users"  # "users": t-test over query users; "samples": robust z
+    eligible: int = 0  # the mask's candidates
+    # "selection": the selection's cross-fitted test; "users": each sample's t-test over the
+    # query users; "samples": each sample's robust z against the other samples
+    eligibility_test: str = "selection"
+    selection_test: SelectionTest | None = None  # "selection" only: whether it was kept
+    sample_tests: dict[str, float] = field(default_factory=dict)  # the per-sample p-values
 
 
 def learn_mask(
@@ -103,14 +107,17 @@ def learn_mask(
     config = config or MaskConfig()
     n = loss_scores.numel()
     budget = max(1, int(config.max_fraction * n))
-    bounds, noise = _eligible(targets, config, user_marginals)
+    marginal = _marginal(targets, config)
+    p_values, sample_tests = _sample_tests(marginal, config, user_marginals)
+    test = _test_kind(config, user_marginals)
+    bounds = _candidates(marginal, config, p_values if test != "selection" else None)
     eligible = int(bounds.ne(0).sum())
-    test = "users" if _tests_users(user_marginals) else "samples"
     mask = torch.zeros(n, dtype=torch.float64)
     if not eligible:
         predicted = predict(targets, loss_value, loss_scores, mask)
-        return Selection([], mask, predicted, [], 0, test)
-    objective = _Objective(targets, loss_value, loss_scores, config, config.beta * noise, bounds)
+        return Selection([], mask, predicted, [], 0, test, None, sample_tests)
+    sparsity = config.beta * _spread(marginal)
+    objective = _Objective(targets, loss_value, loss_scores, config, sparsity, bounds)
     best_value, best_mask = float("inf"), mask
     trace = []
     for step in range(config.steps):
@@ -145,9 +152,16 @@ def learn_mask(
             loss_scores,
             config,
         )
+    selection_test = None
+    if test == "selection" and bool(weights.ne(0).any()):
+        selection_test = cross_fitted_test(user_marginals, weights)
+        if selection_test.p > config.fdr:  # no better than chance on held-out users
+            weights = torch.zeros_like(weights)
     indices = torch.nonzero(weights).flatten().tolist()
     predicted = predict(targets, loss_value, loss_scores, weights)
-    return Selection(indices, weights, predicted, trace, eligible, test)
+    return Selection(
+        indices, weights, predicted, trace, eligible, test, selection_test, sample_tests
+    )
 
 
 def predict(
@@ -191,41 +205,123 @@ def fairness_gradient(targets: Sequence[FairnessTarget], config: MaskConfig) -> 
     return gradients
 
 
-def _eligible(
-    targets: Sequence[FairnessTarget],
-    config: MaskConfig,
-    user_marginals: torch.Tensor | None,
-) -> tuple[torch.Tensor, float]:
-    """Each sample's bound [n]: 1 where removing it is significantly helpful, -max_upweight
-    where reinforcing it is (its removal significantly harmful), 0 elsewhere
-    (Benjamini-Hochberg at `config.fdr` over every one-sided test made); and the spread σ
-    of the marginals.
-
-    With `user_marginals`: a one-sided t-test of each sample's mean over users. Without:
-    robust z-scores against the other samples — median and MAD rather than mean and
-    standard deviation, so that a block of truly harmful samples does not hide itself by
-    inflating the noise estimate.
-    """
-    marginal = sum(
+def _marginal(targets: Sequence[FairnessTarget], config: MaskConfig) -> torch.Tensor:
+    """Each sample's marginal effect on the fairness objective at m = 0 ([n]; < 0: its
+    removal helps)."""
+    return sum(
         target.scores @ gradient
         for target, gradient in zip(targets, fairness_gradient(targets, config), strict=True)
     )
-    center = marginal.median()
-    noise = max(1.4826 * float((marginal - center).abs().median()), 1e-12)
-    if _tests_users(user_marginals):
+
+
+def _spread(marginal: torch.Tensor) -> float:
+    """σ, the spread of the marginals between samples: the scaled median absolute deviation."""
+    return max(1.4826 * float((marginal - marginal.median()).abs().median()), 1e-12)
+
+
+def _test_kind(config: MaskConfig, user_marginals: torch.Tensor | None) -> str:
+    """Which test decides: a t-test needs a few users (ν = U - 1 >= 2), and the selection's
+    test needs a few in each half."""
+    users = 0 if user_marginals is None else user_marginals.size(1)
+    if config.eligibility == "selection" and users >= 6:
+        return "selection"
+    return "users" if users >= 3 else "samples"
+
+
+def _sample_tests(
+    marginal: torch.Tensor, config: MaskConfig, user_marginals: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Every one-sided per-sample p-value (removal helps; with `max_upweight`, reinforcing
+    helps too, n more), and their summary for the report.
+
+    With `user_marginals`: a t-test of each sample's mean over users. Without: robust
+    z-scores against the other samples — median and MAD rather than mean and standard
+    deviation, so that a block of truly harmful samples does not hide itself by inflating
+    the noise estimate.
+    """
+    if user_marginals is not None and user_marginals.size(1) >= 3:
         z_scores = _t_as_z(user_marginals.double())
     else:
-        z_scores = (marginal - center) / noise
-    n = marginal.numel()
+        z_scores = (marginal - marginal.median()) / _spread(marginal)
     tests = [torch.special.ndtr(z_scores)]  # small: removal helps
     if config.max_upweight > 0:
         tests.append(torch.special.ndtr(-z_scores))  # small: reinforcing helps
-    discovered = _benjamini_hochberg(torch.cat(tests), config.fdr)
+    p_values = torch.cat(tests)
+    summary = {
+        "tests": p_values.numel(),
+        "min_p": float(p_values.min()),
+        "below_0.001": int(p_values.lt(1e-3).sum()),
+        "expected_below_0.001": 1e-3 * p_values.numel(),
+        "discoveries": int(_benjamini_hochberg(p_values, config.fdr).sum()),
+    }
+    return p_values, summary
+
+
+def _candidates(
+    marginal: torch.Tensor, config: MaskConfig, p_values: torch.Tensor | None
+) -> torch.Tensor:
+    """Each sample's bound [n]: 1 where it may be removed, -max_upweight where it may be
+    reinforced, 0 elsewhere. With `p_values`, only where its own test is a discovery
+    (Benjamini-Hochberg at `config.fdr` over every one-sided test made); without, wherever
+    the sign of its marginal says it helps (the selection is tested afterwards)."""
+    n = marginal.numel()
+    if p_values is None:
+        removable, reinforceable = torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+    else:
+        discovered = _benjamini_hochberg(p_values, config.fdr)
+        removable, reinforceable = discovered[:n], discovered[n:]
     bounds = torch.zeros(n, dtype=torch.float64)
-    bounds[discovered[:n] & (marginal < 0)] = 1.0
+    bounds[removable & (marginal < 0)] = 1.0
     if config.max_upweight > 0:
-        bounds[discovered[n:] & (marginal > 0)] = -config.max_upweight
-    return bounds, noise
+        bounds[reinforceable & (marginal > 0)] = -config.max_upweight
+    return bounds
+
+
+@dataclass
+class SelectionTest:
+    """The cross-fitted test of a selection against random removal: `effect` is the mean
+    per-user change of the fairness objective (its marginal units; negative: helps) beyond
+    that of as many random samples with the same weights, `z` its t statistic as a normal
+    quantile, `p` its one-sided p-value."""
+
+    effect: float
+    z: float
+    p: float
+
+
+def cross_fitted_test(
+    user_marginals: torch.Tensor, weights: torch.Tensor, seed: int = 0
+) -> SelectionTest:
+    """Does a selection like this one help on users it was not chosen on, more than random
+    samples would?
+
+    The query users are split in two halves. On each half, the samples most helpful there
+    (as many as the selection holds, given its weights: most helpful first, removals among
+    the samples whose removal helps, reinforcements among those whose removal hurts) are
+    taken, and their effect is measured through every user of the other half, minus the
+    effect of as many random samples with the same weights (the random control's
+    expectation). Pooled over both halves, a one-sided t-test over the users. A selection
+    is a sum of many samples' effects, so a bias spread thinly over many samples is found
+    where no single sample passes its own test; and choosing on one half and measuring on
+    the other keeps the selection's own noise out of the measurement.
+    """
+    samples, users = user_marginals.shape
+    order = torch.randperm(users, generator=torch.Generator().manual_seed(seed))
+    halves = (order[: users // 2], order[users // 2 :])
+    effects = []
+    for chosen_on, tested_on in (halves, halves[::-1]):
+        marginal = user_marginals[:, chosen_on].mean(dim=1)
+        fold = torch.zeros(samples, dtype=user_marginals.dtype)
+        for sign in (1.0, -1.0):
+            magnitudes = (weights * sign)[weights * sign > 0].sort(descending=True).values
+            helpful = torch.nonzero(marginal * sign < 0).flatten()
+            ranked = helpful[torch.argsort(marginal[helpful] * sign)][: magnitudes.numel()]
+            fold[ranked] = sign * magnitudes[: ranked.numel()].to(fold.dtype)
+        tested = user_marginals[:, tested_on]
+        effects.append(fold @ tested - fold.sum() * tested.mean(dim=0))
+    pooled = torch.cat(effects)
+    z = float(_t_as_z(pooled[None])[0])
+    return SelectionTest(float(pooled.mean()), z, float(torch.special.ndtr(torch.tensor(z))))
 
 
 def _benjamini_hochberg(p_values: torch.Tensor, fdr: float) -> torch.Tensor:
@@ -238,11 +334,6 @@ def _benjamini_hochberg(p_values: torch.Tensor, fdr: float) -> torch.Tensor:
     if passing.numel():
         discovered[order[: int(passing.max()) + 1]] = True
     return discovered
-
-
-def _tests_users(user_marginals: torch.Tensor | None) -> bool:
-    """A t-test needs a few users (ν = U - 1 >= 2)."""
-    return user_marginals is not None and user_marginals.size(1) >= 3
 
 
 def _t_as_z(user_marginals: torch.Tensor) -> torch.Tensor:

@@ -563,7 +563,7 @@ class DebiasJob:
         selection = self.select(quantities, history, scores, user_marginals)
         metrics = {"valid": {"before": before.summary()}}
         if not selection.indices:
-            reason = "no training sample is predicted to reduce the bias within the budget"
+            reason = _empty_selection_reason(selection, config.mask.fdr)
             self._reject(out_dir, reason, quantities, scores, selection, metrics, [])
         patcher = WeightPatcher(self.model, self.newton_step(selection))
         random_patcher = None
@@ -697,6 +697,8 @@ class DebiasJob:
             "temperature_calibration": self.calibration,
             "eligible": selection.eligible,
             "eligibility_test": selection.eligibility_test,
+            "selection_test": selection.selection_test and asdict(selection.selection_test),
+            "sample_tests": selection.sample_tests,
             "predicted": selection.predicted,
             "metrics": metrics,
             "step_search": self.step_search,
@@ -710,6 +712,17 @@ class DebiasJob:
                 for i in selection.indices
             ],
         }
+
+
+def _empty_selection_reason(selection: Selection, level: float) -> str:
+    """Why nothing was selected: no candidate, or a selection no better than chance."""
+    test = selection.selection_test
+    if test is not None and test.p > level:
+        return (
+            f"the selection does not beat as many random samples on held-out query users "
+            f"(cross-fitted p = {test.p:.3g} > {level:g})"
+        )
+    return "no training sample is predicted to reduce the bias within the budget"
 
 
 def _write_report(out_dir: Path, report: dict) -> None:
