@@ -187,9 +187,10 @@ def submit(
     max_fraction: float = typer.Option(None, help="Most training samples unlearned (fraction)."),
     max_loss_increase: float = typer.Option(None, help="Largest predicted valid-loss increase."),
     max_ndcg_drop: float = typer.Option(None, help="Largest relative NDCG drop accepted."),
-    fdr: float = typer.Option(
-        None, help="False discovery rate at which a sample must stand out to be unlearned."
+    eligibility: str = typer.Option(
+        None, help="selection (beat random samples on held-out users) or samples (each alone)."
     ),
+    fdr: float = typer.Option(None, help="Level of the eligibility test."),
     guard_confidence: float = typer.Option(
         None, help="Bootstrap probability over guard users that the bias went down."
     ),
@@ -212,6 +213,7 @@ def submit(
             ("max_fraction", max_fraction),
             ("max_loss_increase", max_loss_increase),
             ("max_ndcg_drop", max_ndcg_drop),
+            ("eligibility", eligibility),
             ("fdr", fdr),
             ("guard_confidence", guard_confidence),
             ("max_upweight", max_upweight),

@@ -31,9 +31,12 @@ def debias(
     guard_confidence: float = typer.Option(
         0.8, help="Bootstrap probability over guard users that the bias went down (0 = any drop)."
     ),
-    fdr: float = typer.Option(
-        0.05, help="False discovery rate at which a sample must stand out to be removed."
+    eligibility: str = typer.Option(
+        "selection",
+        help="How a bias is told from noise: selection (the selection must beat random "
+        "samples on held-out query users) or samples (each sample must stand out alone).",
     ),
+    fdr: float = typer.Option(0.05, help="Level of the eligibility test."),
     max_other_k_increase: float = typer.Option(
         None,
         min=0,
@@ -78,6 +81,7 @@ def debias(
         mask=MaskConfig(
             max_fraction=max_fraction,
             max_loss_increase=max_loss_increase,
+            eligibility=eligibility,
             fdr=fdr,
             max_upweight=max_upweight,
         ),

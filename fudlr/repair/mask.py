@@ -9,19 +9,22 @@ fixed gradient, so it bottoms out where the gap closes instead of overshooting:
 
 (convex: the quantities are affine in m and every term is convex in them) minimised by
 Frank-Wolfe under the sample budget, then binarised (or kept soft) and cut to the loss
-budget. Only samples whose marginal effect on the fairness terms at m = 0 is significantly
-helpful are eligible (one-sided p-values, Benjamini-Hochberg at false discovery rate `fdr`).
-With `max_upweight` u > 0 a sample may instead be reinforced, m_i ∈ [-u, 0] (counted up to
-u more times): the samples whose removal would significantly *hurt* are the ones whose
-weight helps, and both one-sided tests enter the same Benjamini-Hochberg procedure.
-The noise is the query's own where the per-user marginals are given: the fairness queries
-are averages over a sample of users, so a sample's effect is a mean over those users, with
-a standard error (a t-test per sample). That keeps its power for a diffuse bias, where many
-samples help a little and none stands out from the rest. Without per-user marginals, the
-noise is the spread between samples (robust z-scores: median, scaled median absolute
+budget. With `max_upweight` u > 0 a sample may instead be reinforced, m_i ∈ [-u, 0]
+(counted up to u more times): the samples whose removal would *hurt* are the ones whose
+weight helps.
+
+Whether the selection reflects a bias or the queries' noise is tested on the selection
+(`eligibility="selection"`): the fairness queries are means over a sample of users, so each
+sample's effect is a mean over those users (per-user marginals), and a selection chosen on
+half of the users can be measured on the other half, against as many random samples. A
+selection sums many samples' effects, so the test keeps its power for a diffuse bias,
+where many samples help a little and none stands out alone. `eligibility="samples"` tests
+each sample instead (one-sided p-values, Benjamini-Hochberg at false discovery rate `fdr`):
+against the users' noise (a t-test per sample) where per-user marginals are given, else
+against the spread between samples (robust z-scores: median, scaled median absolute
 deviation). Either way pure noise selects nothing, whatever the scale of the scores
 (which moves with the damping, the training-set size and the surrogate); β σ per sample
-(σ the spread between samples) then prefers fewer removals among the eligible.
+(σ the spread between samples) then prefers fewer removals among the candidates.
 """
 
 from __future__ import annotations
@@ -64,6 +67,18 @@ class FairnessTarget:
         if self.kind == "mgu":
             return float(gaps.abs().mean())
         return float(gaps.max() - gaps.min())
+
+
+@dataclass
+class SelectionTest:
+    """The cross-fitted test of a selection against random removal: `effect` is the mean
+    per-user change of the fairness objective (its marginal units; negative: helps) beyond
+    that of as many random samples with the same weights, `z` its t statistic as a normal
+    quantile, `p` its one-sided p-value."""
+
+    effect: float
+    z: float
+    p: float
 
 
 @dataclass
@@ -275,18 +290,6 @@ def _candidates(
     if config.max_upweight > 0:
         bounds[reinforceable & (marginal > 0)] = -config.max_upweight
     return bounds
-
-
-@dataclass
-class SelectionTest:
-    """The cross-fitted test of a selection against random removal: `effect` is the mean
-    per-user change of the fairness objective (its marginal units; negative: helps) beyond
-    that of as many random samples with the same weights, `z` its t statistic as a normal
-    quantile, `p` its one-sided p-value."""
-
-    effect: float
-    z: float
-    p: float
 
 
 def cross_fitted_test(

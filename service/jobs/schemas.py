@@ -49,8 +49,10 @@ class Bias(_Request):
 class Budget(_Request):
     """max_fraction: most training samples unlearned. max_loss_increase: largest predicted
     relative validation-loss increase. max_ndcg_drop: largest relative NDCG drop the guard
-    accepts before it refuses to publish. fdr: false discovery rate at which a sample's
-    effect on the bias must be significant to be unlearned (higher: more samples).
+    accepts before it refuses to publish. eligibility: "selection" (the selection must beat
+    as many random samples on held-out query users) or "samples" (each sample's own effect
+    must be significant, Benjamini-Hochberg). fdr: the level of that test (higher: more
+    samples).
     guard_confidence: the share of paired bootstrap resamples of the guard users in which
     the bias must have gone down for a step to be published (0 = any measured drop).
     max_upweight: samples may also be reinforced, counted up to this many more times
@@ -60,6 +62,7 @@ class Budget(_Request):
     max_fraction: float = Field(0.2, gt=0, le=1)
     max_loss_increase: float = Field(0.02, ge=0)
     max_ndcg_drop: float = Field(0.05, ge=0, lt=1)
+    eligibility: Literal["selection", "samples"] = "selection"
     fdr: float = Field(0.05, gt=0, lt=1)
     guard_confidence: float = Field(0.8, ge=0, lt=1)
     max_upweight: float = Field(0.0, ge=0)
@@ -134,6 +137,7 @@ class JobSpec(_Request):
             mask=MaskConfig(
                 max_fraction=budget.max_fraction,
                 max_loss_increase=budget.max_loss_increase,
+                eligibility=budget.eligibility,
                 fdr=budget.fdr,
                 max_upweight=budget.max_upweight,
             ),
