@@ -110,6 +110,32 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _selection_lines(systems: dict[str, Any]) -> list[str]:
+    """How each FUDLR job told its bias from the queries' noise (results from before the
+    selection's test have only the eligible count)."""
+    lines = []
+    for name, system in systems.items():
+        if "eligible" not in system:
+            continue
+        text = f"- {name}: {system['eligible']} candidates"
+        test = system.get("selection_test")
+        if test:
+            text += (
+                f"; the selection beat random samples on held-out query users by "
+                f"{test['effect']:.3g} (z {test['z']:.2f}, p {test['p']:.3g})"
+            )
+        samples = system.get("sample_tests")
+        if samples:
+            text += (
+                f"; per-sample tests: smallest p {samples['min_p']:.2g}, "
+                f"{samples['below_0.001']} below 0.001 "
+                f"({samples['expected_below_0.001']:.1f} expected by chance), "
+                f"{samples['discoveries']} Benjamini-Hochberg discoveries"
+            )
+        lines.append(text)
+    return ["", "## FUDLR's selection", "", *lines] if lines else []
+
+
 def _shown(name: str, value: Any) -> str:
     """Relative changes as signed percentages, other numbers with 4 digits, points as pairs."""
     if value is None:
@@ -198,6 +224,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                 f"is more than a {NDCG_DROP_TARGET:.0%} change, so these users cannot show "
                 "whether the accuracy budget holds"
             )
+    lines += _selection_lines(systems)
     lines += ["", "## Fidelity (relative changes)", ""]
     for name, value in results["fidelity"].items():
         lines.append(f"- {name}: {_shown(name, value)}")

@@ -83,6 +83,9 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     assert dated.read_text() == (folder / "latest.json").read_text()
     assert (folder / "latest.md").read_text() == markdown(results)
     assert "| most_popular (reference) |" in markdown(results)
+    test = fudlr["selection_test"]  # the planted block is selected only if the test passed
+    assert fudlr["eligibility_test"] == "selection" and test["p"] <= 0.05
+    assert f"- fudlr: {fudlr['eligible']} candidates; the selection beat" in markdown(results)
     assert "Corrected after the run" not in markdown(results)
     assert "- measured again" in markdown({**results, "corrections": ["measured again"]})
     for name in ("plane", "shares", "times", "scaling"):
