@@ -220,7 +220,7 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     adapter = tmp_path / "adapter"
     train_adapter(tiny_model, bundle, adapter, TINY_RECIPE, device="cpu")
     build_index(tiny_model, adapter, bundle, tmp_path / "index", IndexConfig(batch_size=16), "cpu")
-    # the default fdr (0.05): eligibility tests each sample against the query users' noise
+    # the default test (the selection against random samples on held-out query users, 5%)
     config = DebiasConfig(
         biases=(BiasSpec.parse("item:popularity_group:MGU@1"),),
         mask=MaskConfig(max_fraction=0.3),
@@ -243,6 +243,8 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
         f"MGU@1 {valid['before']['biases'][label]:.3f} -> {valid['after']['biases'][label]:.3f}"
     )
     assert precision >= 0.6 and recall >= 0.3
+    assert report["eligibility_test"] == "selection" and report["selection_test"]["p"] <= 0.05
+    assert report["sample_tests"]["tests"] == len(bundle.split("train"))
     assert valid["after"]["biases"][label] < valid["before"]["biases"][label]
     accepted = next(trial for trial in report["step_search"] if trial["eta"] == report["eta"])
     shares = accepted["share_changes"][label]
