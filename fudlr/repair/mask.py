@@ -123,8 +123,9 @@ def learn_mask(
     n = loss_scores.numel()
     budget = max(1, int(config.max_fraction * n))
     marginal = _marginal(targets, config)
-    p_values, sample_tests = _sample_tests(marginal, config, user_marginals)
     test = _test_kind(config, user_marginals)
+    per_user = None if test == "samples" else user_marginals
+    p_values, sample_tests = _sample_tests(marginal, config, per_user)
     bounds = _candidates(marginal, config, p_values if test != "selection" else None)
     eligible = int(bounds.ne(0).sum())
     mask = torch.zeros(n, dtype=torch.float64)
@@ -249,12 +250,12 @@ def _sample_tests(
     """Every one-sided per-sample p-value (removal helps; with `max_upweight`, reinforcing
     helps too, n more), and their summary for the report.
 
-    With `user_marginals`: a t-test of each sample's mean over users. Without: robust
-    z-scores against the other samples — median and MAD rather than mean and standard
-    deviation, so that a block of truly harmful samples does not hide itself by inflating
-    the noise estimate.
+    With `user_marginals` (enough users for a t-test): a t-test of each sample's mean over
+    users. Without: robust z-scores against the other samples — median and MAD rather than
+    mean and standard deviation, so that a block of truly harmful samples does not hide
+    itself by inflating the noise estimate.
     """
-    if user_marginals is not None and user_marginals.size(1) >= 3:
+    if user_marginals is not None:
         z_scores = _t_as_z(user_marginals.double())
     else:
         z_scores = (marginal - marginal.median()) / _spread(marginal)
