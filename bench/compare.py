@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -23,7 +24,7 @@ from rich.console import Console
 
 from bench.common import RESULTS, ROOT, commit, machine, prepare_movielens, prepare_smollm2
 from bench.report import fidelity, markdown, plot_all, targets
-from bench.systems import PROFILES, BenchProfile, SystemsBench, item_bias_label
+from bench.systems import PROFILES, RERUNNABLE, BenchProfile, SystemsBench, item_bias_label
 from fudlr.models.device import PRECISIONS, fast_precision
 
 console = Console()
@@ -37,10 +38,12 @@ def run_and_write(
     results_dir: Path,
     port: int = 8799,
     systems_from: Path | None = None,
+    rerun: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every system, the scaling sweep and the service (as the profile asks), and write
     the results; `systems_from`: take the systems another run recorded there (see
-    `SystemsBench.recorded`) instead of running them."""
+    `SystemsBench.recorded`, which runs those in `rerun` again) instead of running them,
+    and its sweep and service run where this run skips them."""
     bench = SystemsBench(profile, model_dir, bundle_dir, work, console.log)
     results: dict[str, Any] = {
         "benchmark": "systems",
@@ -52,17 +55,32 @@ def run_and_write(
         "k": profile.k,
         "precision": profile.precision,
         "num_beams": profile.num_beams,
-        **(bench.recorded(systems_from) if systems_from else bench.run()),
+        **(bench.recorded(systems_from, rerun) if systems_from else bench.run()),
     }
     label = item_bias_label(profile.k)
     if profile.service:
-        adapter = bench.original_adapter() if systems_from else {"retrained": False}
         results["service"] = service(profile, model_dir, bundle_dir, work, label, port)
-        results["service"]["original_adapter"] = adapter
+    if systems_from:
+        results.update(carried(json.loads(systems_from.read_text()), results))
     results["targets"] = targets(results["systems"], profile.k)
     results["fidelity"] = fidelity(results["systems"], profile.k, label)
     write(results, results_dir)
     return results
+
+
+def carried(source: Mapping[str, Any], results: Mapping[str, Any]) -> dict[str, Any]:
+    """The sweep and the service run of the recorded run where this one skipped them, each
+    with the run that measured it under `carried` (kept through later carries)."""
+    parts = {
+        part: source[part]
+        for part in ("scaling", "service")
+        if source.get(part) and not results.get(part)
+    }
+    if not parts:
+        return {}
+    origin = {key: source[key] for key in ("commit", "date", "machine") if key in source}
+    earlier = source.get("carried", {})
+    return {**parts, "carried": {part: earlier.get(part, origin) for part in parts}}
 
 
 def service(
@@ -138,6 +156,13 @@ def main() -> None:
         "with --no-scaling --no-service); the sweep and the service still run unless "
         "skipped; use the same commit",
     )
+    parser.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        choices=RERUNNABLE,
+        help="with --systems-from: run this system again (the file may lack it); repeatable",
+    )
     parser.add_argument("--port", type=int, default=8799, help="port of the service run")
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
@@ -157,7 +182,7 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["FUDLR_CACHE_DIR"] = str(cache)
     results = run_and_write(
-        profile, model_dir, bundle_dir, work, args.results, args.port, args.systems_from
+        profile, model_dir, bundle_dir, work, args.results, args.port, args.systems_from, args.rerun
     )
     console.print(markdown(results))
 

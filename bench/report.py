@@ -155,13 +155,21 @@ def _origin(results: Mapping[str, Any]) -> list[str]:
         return []
     machine = origin.get("machine", "an unrecorded machine")
     same = " (the same kind)" if machine == results["machine"] else ""
-    return [
+    rerun = origin.get("rerun", [])
+    again = f" ran {', '.join(rerun)} again and" if rerun else ""
+    lines = [
         "",
         f"The systems were measured by an earlier run (commit {origin.get('commit', '?')}, "
-        f"{origin.get('date', '?')}, {machine}{same}), read from `{origin['file']}`; this run "
-        "added the scaling sweep and the service run where they are shown (the sweep's "
-        "largest size is that run's job).",
+        f"{origin.get('date', '?')}, {machine}{same}), read from `{origin['file']}`; this run"
+        f"{again} added the scaling sweep and the service run where they are shown (the "
+        "sweep's largest size is that run's job).",
     ]
+    for part, source in results.get("carried", {}).items():
+        lines.append(
+            f"The {part} results were measured by the run at commit {source.get('commit', '?')} "
+            f"({source.get('date', '?')}, {source.get('machine', 'an unrecorded machine')})."
+        )
+    return lines
 
 
 def _row(name: str, system: Mapping[str, Any], k: int, seconds: str, note: str) -> str:
@@ -250,10 +258,13 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"({service['job_seconds']:.0f}s from submission to the end as the client saw it), "
             f"{outcome}; the same job run directly: {systems['fudlr']['seconds']:.0f}s.",
         ]
-    adapter = (service or {}).get("original_adapter", {})
+    # older results kept the check in the service's entry
+    adapter = results.get("original_adapter") or (service or {}).get("original_adapter", {})
     if adapter.get("retrained"):
         same = "the same weights" if adapter["same_adapter"] else "DIFFERENT weights"
-        lines.append(f"The original adapter was trained again for it ({same} as the systems').")
+        lines.append(
+            f"The original adapter was trained again for this run ({same} as the systems')."
+        )
     return "\n".join(lines) + "\n"
 
 

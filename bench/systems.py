@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -42,6 +43,8 @@ SYSTEMS = (
     "fudlr",
     "fudlr_multi",
 )
+# run again alone from recorded systems: they need only the original adapter and the index
+RERUNNABLE = ("fudlr_multi",)
 ITEM_ATTRIBUTE, GENRES, USER_ATTRIBUTE = "popularity_group", "genres", "gender"
 
 
@@ -148,18 +151,23 @@ class SystemsBench:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self.partial.write_text(json.dumps(self.systems, indent=2) + "\n")
 
-    def recorded(self, source: Path) -> dict[str, Any]:
+    def recorded(self, source: Path, rerun: Sequence[str] = ()) -> dict[str, Any]:
         """What `run()` returns, with the systems another run recorded instead of running
         them: its `systems.partial.json` (a run stopped after its systems) or its results
         JSON (a run with --no-scaling --no-service, perhaps on another day: commit it, then
-        run the rest from the same commit). The sweep still runs; its largest size is the
-        recorded FUDLR job. `systems_from` names the run that measured the systems, and that
+        run the rest from the same commit). The systems in `rerun` (those of `RERUNNABLE`,
+        which need only the original adapter and the index) are run by this run instead.
+        The sweep still runs; its largest size is the recorded FUDLR job. `systems_from`
+        names the run that measured the systems (and those this one ran again), and that
         file's `corrections` carry over."""
         if not source.is_file():
             raise FileNotFoundError(f"no recorded systems at {source}")
+        unknown = sorted(set(rerun) - set(RERUNNABLE))
+        if unknown:
+            raise ValueError(f"cannot run {', '.join(unknown)} alone: only {RERUNNABLE}")
         recorded = json.loads(source.read_text())
         self.systems = recorded.get("systems", recorded)
-        missing = [name for name in SYSTEMS if name not in self.systems]
+        missing = [name for name in SYSTEMS if name not in self.systems and name not in rerun]
         if missing:
             raise ValueError(f"{source} lacks {', '.join(missing)}: rerun the benchmark")
         # a file itself written from recorded systems names the run that measured them
@@ -172,7 +180,19 @@ class SystemsBench:
         }
         if "corrections" in recorded:  # what was measured again after that run still holds
             provenance["corrections"] = recorded["corrections"]
+        if rerun or self.profile.service:
+            provenance["original_adapter"] = self.original_adapter()
+        if rerun:
+            provenance["systems_from"]["rerun"] = list(rerun)
+            self.fudlr_multi(self.work / "original", *self.built_index())
         return {**self.summary(self.scaling(self.systems["fudlr"]["index_seconds"])), **provenance}
+
+    def built_index(self) -> tuple[Path, float]:
+        """The original adapter's index for systems run again, built (and timed) here; a
+        rerun on a fresh machine has none."""
+        index = self.work / "index"
+        shutil.rmtree(index, ignore_errors=True)  # an index of this run, timed by it
+        return index, self.index(self.work / "original", index)
 
     def original_adapter(self) -> dict[str, Any]:
         """The original adapter in the work folder for the service run: retrained where a
@@ -426,14 +446,14 @@ class SystemsBench:
     # --- the run -------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        k = self.profile.k
         original = self.original()
         self.ifairlrs_rr()
         self.ifairlrs_rw(original)
         index_dir = self.work / "index"
         index_seconds = self.index(original, index_dir)
-        item_bias, user_bias = item_bias_label(k), f"user:{USER_ATTRIBUTE}:NDCG@{k}"
-        job, report = self.debias("fudlr", original, index_dir, index_seconds, [item_bias])
+        job, report = self.debias(
+            "fudlr", original, index_dir, index_seconds, [item_bias_label(self.profile.k)]
+        )
         selected = [row["sample_id"] for row in report["selected"]]
         if selected:
             self.retrain_without(selected)
@@ -445,8 +465,14 @@ class SystemsBench:
             self.skipped("retrain_without_s", "FUDLR selected no sample")
             self.skipped("random_removal", "FUDLR selected no sample")
         del job
-        self.debias("fudlr_multi", original, index_dir, index_seconds, [item_bias, user_bias])
+        self.fudlr_multi(original, index_dir, index_seconds)
         return self.summary(self.scaling(index_seconds))
+
+    def fudlr_multi(self, original: Path, index: Path, index_seconds: float) -> None:
+        """FUDLR on the popularity bias and the gender gap at once."""
+        k = self.profile.k
+        biases = [item_bias_label(k), f"user:{USER_ATTRIBUTE}:NDCG@{k}"]
+        self.debias("fudlr_multi", original, index, index_seconds, biases)
 
     def summary(self, scaling: list[dict[str, Any]]) -> dict[str, Any]:
         return {

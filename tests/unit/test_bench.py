@@ -7,6 +7,8 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from bench.compare import run_and_write
 from bench.report import markdown
 from bench.systems import SYSTEMS, BenchProfile, SystemsBench
@@ -121,10 +123,42 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     assert again["systems_from"]["machine"] == results["machine"]
     assert f"commit {results['commit']}" in (tmp_path / "again" / "latest.md").read_text()
     assert again["corrections"] == ["measured again"]
+    # the sweep and the service run of a recorded run carry over where a later run skips
+    # them, naming the run that measured them
+    assert swept["service"] == results["service"] and swept["scaling"] != results["scaling"]
+    assert swept["carried"] == {
+        "service": {key: results[key] for key in ("commit", "date", "machine")}
+    }
+    assert again["scaling"] == swept["scaling"] and again["carried"]["scaling"]["commit"] == "later"
+    assert again["carried"]["service"]["commit"] == results["commit"]  # kept through carries
+    assert "The service results were measured by the run at commit" in markdown(again)
     [point] = swept["scaling"]
     assert point["job_seconds"] == fudlr["seconds"]
     assert point["index_seconds"] == fudlr["index_seconds"]
     assert point["retraining_seconds"] == systems["original"]["seconds"]
+
+    # a system run again from recorded systems (the original adapter and its index are
+    # all it needs): this seeded recipe gives the recorded system's results again
+    rerun = run_and_write(
+        replace(profile, scaling_sizes=(), service=False),
+        tiny_model,
+        bundle,
+        work,
+        tmp_path / "rerun",
+        systems_from=folder / "latest.json",
+        rerun=["fudlr_multi"],
+    )
+    multi, recorded_multi = rerun["systems"]["fudlr_multi"], systems["fudlr_multi"]
+    assert rerun["systems_from"]["rerun"] == ["fudlr_multi"]
+    assert rerun["original_adapter"] == {"retrained": False}
+    assert multi["metrics"] == json.loads(json.dumps(recorded_multi["metrics"]))
+    assert multi["removed"] == recorded_multi["removed"]
+    assert rerun["systems"]["fudlr"] == json.loads(json.dumps(fudlr))  # the others as recorded
+    assert "ran fudlr_multi again" in (tmp_path / "rerun" / "latest.md").read_text()
+    with pytest.raises(ValueError, match="cannot run fudlr alone"):
+        SystemsBench(profile, tiny_model, bundle, work, print).recorded(
+            folder / "latest.json", rerun=["fudlr"]
+        )
 
     # on a fresh machine the service run trains the original again: the same weights
     bench = SystemsBench(profile, tiny_model, bundle, work, print)
