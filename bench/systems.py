@@ -195,13 +195,13 @@ class SystemsBench:
         return index, self.index(self.work / "original", index)
 
     def original_adapter(self) -> dict[str, Any]:
-        """The original adapter in the work folder for the service run: retrained where a
-        run that only took recorded systems lacks it (the recipe is seeded), and compared
-        with the digest the systems' run recorded."""
+        """The original adapter in the work folder for the service run or a rerun: retrained
+        where a run that only took recorded systems lacks it (the recipe is seeded), and
+        compared with the digest the systems' run recorded."""
         adapter = self.work / "original"
         if (adapter / "adapter_model.safetensors").is_file():
             return {"retrained": False}
-        self.log("original adapter missing: training it again for the service run")
+        self.log("original adapter missing: training it again (the seeded recipe)")
         self.train("original")
         recorded = self.systems["original"].get("adapter_digest")
         return {"retrained": True, "same_adapter": recorded == weights_digest(adapter)}
