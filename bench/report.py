@@ -155,19 +155,21 @@ def _origin(results: Mapping[str, Any]) -> list[str]:
         return []
     machine = origin.get("machine", "an unrecorded machine")
     same = " (the same kind)" if machine == results["machine"] else ""
-    rerun = origin.get("rerun", [])
-    again = f" ran {', '.join(rerun)} again and" if rerun else ""
     lines = [
         "",
         f"The systems were measured by an earlier run (commit {origin.get('commit', '?')}, "
-        f"{origin.get('date', '?')}, {machine}{same}), read from `{origin['file']}`; this run"
-        f"{again} added the scaling sweep and the service run where they are shown (the "
-        "sweep's largest size is that run's job).",
+        f"{origin.get('date', '?')}, {machine}{same}), read from `{origin['file']}`; this run "
+        "added the scaling sweep and the service run where they are shown (the sweep's "
+        "largest size is that run's job).",
     ]
-    for part, source in results.get("carried", {}).items():
+    measured_later = {
+        **{f"System {name}": run for name, run in origin.get("rerun", {}).items()},
+        **{f"The {part}": run for part, run in results.get("carried", {}).items()},
+    }
+    for what, run in measured_later.items():
         lines.append(
-            f"The {part} results were measured by the run at commit {source.get('commit', '?')} "
-            f"({source.get('date', '?')}, {source.get('machine', 'an unrecorded machine')})."
+            f"{what} was measured by the run at commit {run.get('commit', '?')} "
+            f"({run.get('date', '?')}, {run.get('machine', 'an unrecorded machine')})."
         )
     return lines
 

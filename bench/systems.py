@@ -17,9 +17,11 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from datetime import date
 from pathlib import Path
 from typing import Any
 
+from bench.common import commit, machine
 from fudlr.baselines.popularity import interaction_counts, most_popular
 from fudlr.baselines.rerank import ALPHAS, Candidate, choose_alpha, distance_scale, group_bias
 from fudlr.baselines.reweight import ifairlrs_weights
@@ -182,8 +184,13 @@ class SystemsBench:
             provenance["corrections"] = recorded["corrections"]
         if rerun or self.profile.service:
             provenance["original_adapter"] = self.original_adapter()
+        # systems run again, here or by an earlier run from recorded systems: by which run
+        reruns = dict(origin.get("rerun", {}))
+        this_run = {"commit": commit(), "date": date.today().isoformat(), "machine": machine()}
+        reruns.update({name: this_run for name in rerun})
+        if reruns:
+            provenance["systems_from"]["rerun"] = reruns
         if rerun:
-            provenance["systems_from"]["rerun"] = list(rerun)
             self.fudlr_multi(self.work / "original", *self.built_index())
         return {**self.summary(self.scaling(self.systems["fudlr"]["index_seconds"])), **provenance}
 

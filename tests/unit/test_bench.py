@@ -131,7 +131,7 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     }
     assert again["scaling"] == swept["scaling"] and again["carried"]["scaling"]["commit"] == "later"
     assert again["carried"]["service"]["commit"] == results["commit"]  # kept through carries
-    assert "The service results were measured by the run at commit" in markdown(again)
+    assert "The service was measured by the run at commit" in markdown(again)
     [point] = swept["scaling"]
     assert point["job_seconds"] == fudlr["seconds"]
     assert point["index_seconds"] == fudlr["index_seconds"]
@@ -149,12 +149,15 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
         rerun=["fudlr_multi"],
     )
     multi, recorded_multi = rerun["systems"]["fudlr_multi"], systems["fudlr_multi"]
-    assert rerun["systems_from"]["rerun"] == ["fudlr_multi"]
+    assert rerun["systems_from"]["rerun"]["fudlr_multi"]["commit"] == rerun["commit"]
     assert rerun["original_adapter"] == {"retrained": False}
     assert multi["metrics"] == json.loads(json.dumps(recorded_multi["metrics"]))
     assert multi["removed"] == recorded_multi["removed"]
     assert rerun["systems"]["fudlr"] == json.loads(json.dumps(fudlr))  # the others as recorded
-    assert "ran fudlr_multi again" in (tmp_path / "rerun" / "latest.md").read_text()
+    assert "System fudlr_multi was measured by the run at" in markdown(rerun)
+    (folder / "rerun.json").write_text(json.dumps({**rerun, "commit": "later"}))
+    carried = written_from(folder / "rerun.json", "carried")  # who ran it stays said
+    assert carried["systems_from"]["rerun"] == rerun["systems_from"]["rerun"]
     with pytest.raises(ValueError, match="cannot run fudlr alone"):
         SystemsBench(profile, tiny_model, bundle, work, print).recorded(
             folder / "latest.json", rerun=["fudlr"]
