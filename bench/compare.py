@@ -165,6 +165,8 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=8799, help="port of the service run")
     args = parser.parse_args()
+    if args.rerun and not args.systems_from:
+        parser.error("--rerun runs a system again from recorded ones: give --systems-from")
     name = "quick" if args.quick else "full"
     profile = replace(
         PROFILES[name],

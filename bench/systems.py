@@ -166,7 +166,9 @@ class SystemsBench:
             raise FileNotFoundError(f"no recorded systems at {source}")
         unknown = sorted(set(rerun) - set(RERUNNABLE))
         if unknown:
-            raise ValueError(f"cannot run {', '.join(unknown)} alone: only {RERUNNABLE}")
+            raise ValueError(
+                f"cannot run {', '.join(unknown)} alone: only {', '.join(RERUNNABLE)} can be"
+            )
         recorded = json.loads(source.read_text())
         self.systems = recorded.get("systems", recorded)
         missing = [name for name in SYSTEMS if name not in self.systems and name not in rerun]
