@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.compare import run_and_write
-from bench.report import markdown
+from bench.report import markdown, selection_seconds
 from bench.systems import SYSTEMS, BenchProfile, SystemsBench
 from fudlr.fairness.metrics import DEFAULT_KS
 from tests.conftest import planted_bundle
@@ -136,6 +136,10 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     assert point["job_seconds"] == fudlr["seconds"]
     assert point["index_seconds"] == fudlr["index_seconds"]
     assert point["retraining_seconds"] == systems["original"]["seconds"]
+    # up to its selection: the stages every job runs, part of the job's time
+    up_to_selection = selection_seconds(point["job_stages"])
+    assert 0 < up_to_selection < point["job_seconds"]
+    assert f"| {up_to_selection:.0f} |" in (tmp_path / "swept" / "latest.md").read_text()
 
     # a system run again from recorded systems (the original adapter and its index are
     # all it needs): this seeded recipe gives the recorded system's results again
