@@ -6,11 +6,17 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+
+
+def run_of(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The run that wrote `results`: its commit, date and machine (those it recorded)."""
+    return {key: results[key] for key in ("commit", "date", "machine") if key in results}
 
 
 def commit() -> str:

@@ -22,7 +22,15 @@ from typing import Any
 
 from rich.console import Console
 
-from bench.common import RESULTS, ROOT, commit, machine, prepare_movielens, prepare_smollm2
+from bench.common import (
+    RESULTS,
+    ROOT,
+    commit,
+    machine,
+    prepare_movielens,
+    prepare_smollm2,
+    run_of,
+)
 from bench.report import fidelity, markdown, plot_all, targets
 from bench.systems import PROFILES, RERUNNABLE, BenchProfile, SystemsBench, item_bias_label
 from fudlr.models.device import PRECISIONS, fast_precision
@@ -78,7 +86,7 @@ def carried(source: Mapping[str, Any], results: Mapping[str, Any]) -> dict[str, 
     }
     if not parts:
         return {}
-    origin = {key: source[key] for key in ("commit", "date", "machine") if key in source}
+    origin = run_of(source)
     earlier = source.get("carried", {})
     return {**parts, "carried": {part: earlier.get(part, origin) for part in parts}}
 

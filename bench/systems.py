@@ -21,7 +21,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from bench.common import commit, machine
+from bench.common import commit, machine, run_of
 from fudlr.baselines.popularity import interaction_counts, most_popular
 from fudlr.baselines.rerank import ALPHAS, Candidate, choose_alpha, distance_scale, group_bias
 from fudlr.baselines.reweight import ifairlrs_weights
@@ -179,7 +179,7 @@ class SystemsBench:
         provenance: dict[str, Any] = {
             "systems_from": {
                 "file": str(source),
-                **{key: origin[key] for key in ("commit", "date", "machine") if key in origin},
+                **run_of(origin),
             }
         }
         if "corrections" in recorded:  # what was measured again after that run still holds
