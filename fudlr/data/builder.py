@@ -13,7 +13,7 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,9 @@ from fudlr.errors import InputError
 
 POPULARITY_GROUPS = 5
 PROTOCOL = (
-    "per user, interactions with rating >= min_rating ordered by (timestamp, item id): "
+    "items that share a title are merged into the smallest id (a user's repeat keeps "
+    "its first interaction); per user, interactions with rating >= min_rating ordered by "
+    "(timestamp, item id): "
     "last -> test, second last -> valid, sliding windows over the rest -> train; "
     "a sample's history is up to history_len items right before its target; "
     "users with fewer than 3 interactions have no valid/test sample"
@@ -71,6 +73,34 @@ def age_group(age: int) -> str:
     return next((label for bound, label in AGE_GROUPS if age < bound), "56+")
 
 
+def merge_duplicate_titles(source: Source) -> tuple[Source, dict[int, int]]:
+    """One item per title: MovieLens lists some films twice under two ids. A recommender
+    that outputs titles cannot tell such items apart (grounding always picks one,
+    constrained decoding cannot reach both), so each duplicate's interactions go to the
+    title's smallest id, and a user's repeat of the same film keeps its first rating.
+    Returns the merged source and {duplicate id: kept id}."""
+    kept: dict[str, int] = {}
+    merged: dict[int, int] = {}
+    for item_id in sorted(source.items):
+        title = source.items[item_id].title
+        if title in kept:
+            merged[item_id] = kept[title]
+        else:
+            kept[title] = item_id
+    if not merged:
+        return source, merged
+    ordered = sorted(source.interactions, key=lambda x: (x.user_id, x.timestamp, x.item_id))
+    interactions, seen = [], set()
+    for interaction in ordered:
+        item_id = merged.get(interaction.item_id, interaction.item_id)
+        if (interaction.user_id, item_id) in seen:
+            continue
+        seen.add((interaction.user_id, item_id))
+        interactions.append(replace(interaction, item_id=item_id))
+    items = {item_id: item for item_id, item in source.items.items() if item_id not in merged}
+    return replace(source, items=items, interactions=interactions), merged
+
+
 def split_users(source: Source, min_rating: float) -> list[UserSplit]:
     """Order each user's interactions by (timestamp, item id) and cut off the last two."""
     by_user = defaultdict(list)
@@ -102,10 +132,14 @@ def popularity_groups(
     return assignment
 
 
-def train_windows(splits: list[UserSplit], history_len: int) -> Iterator[Sample]:
-    """(sample_id, user, history, target) for every position t >= 1 of every training portion."""
+def train_windows(
+    splits: list[UserSplit], history_len: int, latest_per_user: int | None = None
+) -> Iterator[Sample]:
+    """(sample_id, user, history, target) for every position t >= 1 of every training
+    portion, or only each user's `latest_per_user` last ones (closest in time to valid/test)."""
     for split in splits:
-        for t in range(1, len(split.portion)):
+        first = 1 if latest_per_user is None else max(1, len(split.portion) - latest_per_user)
+        for t in range(first, len(split.portion)):
             history = split.portion[max(0, t - history_len) : t]
             yield f"train-{split.user_id}-{t}", split.user_id, history, split.portion[t]
 
@@ -128,6 +162,7 @@ def build_bundle(
     seed: int = 0,
     history_len: int = 10,
     min_rating: float = 0,
+    latest_per_user: int | None = None,
     verbose: bool = False,
 ) -> BundleSummary:
     """Write items, users, the three splits and meta.json to `out_dir`, then load it back."""
@@ -135,8 +170,11 @@ def build_bundle(
         raise InputError(f"history length must be at least 1, got {history_len}")
     if train_size is not None and train_size < 1:
         raise InputError(f"train size must be at least 1, got {train_size}")
+    if latest_per_user is not None and latest_per_user < 1:
+        raise InputError(f"latest windows per user must be at least 1, got {latest_per_user}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    source, merged = merge_duplicate_titles(source)
     splits = split_users(source, min_rating)
     counts = Counter(item_id for split in splits for item_id in split.portion)
     item_ids = sorted(source.items)
@@ -147,12 +185,17 @@ def build_bundle(
     write_rows(
         out / "users.jsonl", (_user_row(source, user_id) for user_id in sorted(source.users))
     )
-    available = sum(max(len(split.portion) - 1, 0) for split in splits)
+    available = sum(
+        min(max(len(split.portion) - 1, 0), latest_per_user or len(split.portion))
+        for split in splits
+    )
     keep = _train_subset(available, train_size, seed)
     if verbose and train_size is not None and train_size >= available:
         console.print(f"--train-size {train_size} >= {available:,} windows: keeping them all")
     windows = (
-        w for i, w in enumerate(train_windows(splits, history_len)) if keep is None or i in keep
+        w
+        for i, w in enumerate(train_windows(splits, history_len, latest_per_user))
+        if keep is None or i in keep
     )
     total = available if keep is None else len(keep)
     rows = _tracked((_sample(w, titles) for w in windows), total, verbose)
@@ -180,6 +223,8 @@ def build_bundle(
         ],
     )
     meta = _meta(source, summary, train_size, seed, history_len, min_rating)
+    meta["protocol"]["latest_per_user"] = latest_per_user
+    meta["protocol"]["merged_duplicate_titles"] = {str(k): str(v) for k, v in merged.items()}
     _write_text(out / "meta.json", json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False))
     with console.status("checking the bundle loads", spinner="dots") if verbose else nullcontext():
         Bundle.load(out)  # the bundle we hand out must pass the loader's checks
@@ -195,6 +240,7 @@ def build_movielens_bundle(
     seed: int = 0,
     history_len: int = 10,
     min_rating: float = 0,
+    latest_per_user: int | None = None,
     verbose: bool = False,
 ) -> BundleSummary:
     """Build a bundle from a source folder in any layout, or (source=None) the recbole ML-100K.
@@ -224,6 +270,7 @@ def build_movielens_bundle(
         seed=seed,
         history_len=history_len,
         min_rating=min_rating,
+        latest_per_user=latest_per_user,
         verbose=verbose,
     )
 

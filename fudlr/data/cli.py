@@ -33,6 +33,14 @@ HistoryLen = Annotated[
 MinRating = Annotated[
     float, typer.Option(help="Drop interactions rated below this before splitting.")
 ]
+LatestPerUser = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Keep only each user's latest N train windows, closest in time to valid/test "
+        "(default: all; --train-size then subsamples what is kept).",
+    ),
+]
 
 
 @app.command("movielens-100k")
@@ -49,9 +57,13 @@ def movielens_100k(
     seed: Seed = 0,
     history_len: HistoryLen = 10,
     min_rating: MinRating = 0.0,
+    latest_per_user: LatestPerUser = None,
 ) -> None:
-    """Build the MovieLens-100K bundle: 1,682 items, 943 users, one valid and test row each."""
-    _build(source, out, "movielens-100k", train_size, seed, history_len, min_rating)
+    """Build the MovieLens-100K bundle: 1,664 items (titles listed twice merged), 943 users,
+    one valid and test row each."""
+    _build(
+        source, out, "movielens-100k", train_size, seed, history_len, min_rating, latest_per_user
+    )
 
 
 @app.command("movielens-1m")
@@ -68,9 +80,10 @@ def movielens_1m(
     seed: Seed = 0,
     history_len: HistoryLen = 10,
     min_rating: MinRating = 0.0,
+    latest_per_user: LatestPerUser = None,
 ) -> None:
     """Build the MovieLens-1M bundle from a local copy (it is not on PyPI)."""
-    _build(source, out, "movielens-1m", train_size, seed, history_len, min_rating)
+    _build(source, out, "movielens-1m", train_size, seed, history_len, min_rating, latest_per_user)
 
 
 def _build(
@@ -81,6 +94,7 @@ def _build(
     seed: int,
     history_len: int,
     min_rating: float,
+    latest_per_user: int | None,
 ) -> None:
     summary = build_movielens_bundle(
         source,
@@ -90,6 +104,7 @@ def _build(
         seed=seed,
         history_len=history_len,
         min_rating=min_rating,
+        latest_per_user=latest_per_user,
         verbose=True,
     )
     console.print(_table(summary))
