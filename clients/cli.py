@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import sys
 
+import typer
 from rich.console import Console
 from rich.markup import escape
+
+# typer bundles its own click; its exceptions are not re-exported at the top level
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from clients.commands import add_to
 from fudlr.cli import app
@@ -20,7 +24,21 @@ add_to(app)  # the service's commands next to the method's
 def main(argv: list[str] | None = None) -> None:
     stderr = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        app(args=argv, prog_name="fudlr")
+        code = app(args=argv, prog_name="fudlr", standalone_mode=False)
+    except NoArgsIsHelpError as error:
+        error.show()
+        sys.exit(2)
+    except UsageError as error:
+        # a bad flag or value: one line naming it, instead of a usage box
+        command = f"{error.ctx.command_path}: " if error.ctx else ""
+        stderr.print(f"[bold red]error:[/] {escape(command + error.format_message())}")
+        sys.exit(2)
+    except ClickException as error:
+        stderr.print(f"[bold red]error:[/] {escape(error.format_message())}")
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        stderr.print("[bold red]error:[/] aborted")
+        sys.exit(1)
     except FudlrError as error:
         stderr.print(f"[bold red]error:[/] {escape(str(error))}")
         sys.exit(2)
@@ -28,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {error.filename}" if error.filename else ""
         stderr.print(f"[bold red]error:[/] {escape(str(error.strerror or error))}{escape(where)}")
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
