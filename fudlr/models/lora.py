@@ -23,23 +23,37 @@ class LoraSettings:
     """LoRA hyper-parameters of a new adapter.
 
     rank: r of the low-rank update; alpha: scaling numerator (update scaled by alpha/r);
-    dropout: on the LoRA input during training; target_modules: linear layers adapted.
+    dropout: on the LoRA input during training; target_modules: linear layers adapted;
+    top_layers: adapt only the last N transformer layers (None = all). Backpropagation
+    then stops at the lowest adapted layer, so training, indexing and every gradient
+    the repair takes cost less.
     """
 
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    top_layers: int | None = None
 
-    def to_peft(self):
+    def to_peft(self, num_layers: int):
         from peft import LoraConfig, TaskType
 
+        layers = None
+        if self.top_layers is not None:
+            if not 1 <= self.top_layers <= num_layers:
+                raise InputError(
+                    f"top_layers must be between 1 and the model's {num_layers} layers, "
+                    f"got {self.top_layers}",
+                    field="top_layers",
+                )
+            layers = list(range(num_layers - self.top_layers, num_layers))
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
+            layers_to_transform=layers,
             bias="none",
         )
 
@@ -50,7 +64,7 @@ class LoraSettings:
 def attach_new_adapter(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     from peft import get_peft_model
 
-    return get_peft_model(model, settings.to_peft())
+    return get_peft_model(model, settings.to_peft(model.config.num_hidden_layers))
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fudlr.console import console, progress_bar
+from fudlr.recommender.recommend import CONSTRAINED_TOP, Decoding
 
 
 def train(
@@ -26,6 +27,9 @@ def train(
     rank: int = typer.Option(8, min=1, help="LoRA rank r."),
     alpha: int = typer.Option(16, min=1, help="LoRA alpha (update scaled by alpha/r)."),
     target_modules: str = typer.Option("q_proj,v_proj", help="Comma-separated modules to adapt."),
+    top_layers: int = typer.Option(
+        None, min=1, help="Adapt only the last N layers (backpropagation stops below them)."
+    ),
     seed: int = typer.Option(0, help="Seed of LoRA init, sample order, dropout and subsetting."),
     precision: str = typer.Option(
         "fp32", help="fp32, or bf16 autocast (faster on bf16 CPUs/GPUs)."
@@ -53,6 +57,7 @@ def train(
             rank=rank,
             alpha=alpha,
             target_modules=tuple(name.strip() for name in target_modules.split(",") if name),
+            top_layers=top_layers,
         ),
     )
     with progress_bar("training") as bar:
@@ -76,26 +81,43 @@ def recommend(
     bundle: Path = typer.Option(..., help="Data bundle directory."),
     split: str = typer.Option("test", help="Split to recommend for (one row per user)."),
     out: Path = typer.Option(..., help="recommendations.jsonl to write."),
-    num_beams: int = typer.Option(5, min=1, help="Beam width (1 = greedy, about 5x faster)."),
+    decoding: Decoding = typer.Option(
+        Decoding.CONSTRAINED,
+        help="constrained: the K best catalog items by beam search over the titles; "
+        "grounded: one generated title, the catalog ranked by distance to it (BIGRec).",
+    ),
+    num_beams: int = typer.Option(
+        5, min=1, help="Beam width (constrained: at least --top; grounded: 1 = greedy)."
+    ),
     batch_size: int = typer.Option(16, min=1, help="Prompts generated at once."),
-    top: int = typer.Option(None, min=1, help="Keep the first N items (default: all)."),
+    top: int = typer.Option(
+        None,
+        min=1,
+        help=f"Items per user (default: {CONSTRAINED_TOP} constrained, the catalog grounded).",
+    ),
     exclude_history: bool = typer.Option(
-        False, help="Never recommend an item already in the user's history."
+        True, help="Never recommend an item already in the user's history (its prompt's)."
+    ),
+    length_normalization: bool = typer.Option(
+        False, help="Constrained: rank titles by mean, not summed, token log-probability."
     ),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for generation."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Generate a title per user, ground it to the catalog, write full rankings."""
+    """Recommend K items per user of a split (constrained decoding) or rank the whole
+    catalog by a generated title (grounded), and write the lists."""
     from fudlr.data.bundle import Bundle
     from fudlr.recommender.recommend import RecommendConfig
     from fudlr.recommender.recommend import recommend as run_recommend
 
     data = Bundle.load(bundle, splits=(split,))
     config = RecommendConfig(
+        decoding=decoding,
         num_beams=num_beams,
         batch_size=batch_size,
         top=top,
         exclude_history=exclude_history,
+        length_normalization=length_normalization,
         precision=precision,
     )
     with progress_bar(f"recommending ({split})") as bar:
