@@ -1,4 +1,10 @@
-"""Hard recommendations: generate a title per user, ground it, rank the whole catalog."""
+"""Hard recommendations: each user's top-K catalog items, by one of two decodings.
+
+constrained: beam search restricted to the catalog's titles returns the K items the
+model scores highest (the model's own ranking). grounded: generate one free-text title
+and rank the whole catalog by its distance to it (the BIGRec / IFairLRS protocol, kept
+to compare with those papers).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,23 +24,49 @@ from fudlr.errors import InputError
 if TYPE_CHECKING:
     import torch
 
+    from fudlr.recommender.constrained import ConstrainedSearch
+
+
+class Decoding(StrEnum):
+    """How a user's list is decoded from the model."""
+
+    CONSTRAINED = "constrained"
+    GROUNDED = "grounded"
+
+
+# the list length of constrained decoding when none is asked for: the deepest K reported
+CONSTRAINED_TOP = 10
+
 
 @dataclass(frozen=True)
 class RecommendConfig:
     """How recommendations are produced.
 
-    num_beams: beam width of generation (1 = greedy). top: keep the first N items of
-    each ranking (None = the full catalog). exclude_history: drop items the user
-    already has in the prompt's history. precision: fp32 or bf16 autocast for
-    generation (grounding embeddings are always fp32).
+    decoding: constrained (the K best catalog items by summed token log-probability) or
+    grounded (one generated title, the catalog ranked by distance to it). num_beams:
+    beam width (1 = greedy; constrained decoding uses at least `top`). top: keep the
+    first N items of each list (None = the full catalog under grounding, CONSTRAINED_TOP
+    under constrained decoding). exclude_history: never recommend an item already in
+    the user's history. length_normalization: constrained decoding ranks by the mean
+    instead of the sum of token log-probabilities. precision: fp32 or bf16 autocast for
+    the model (grounding embeddings are always fp32).
     """
 
+    decoding: Decoding = Decoding.CONSTRAINED
     num_beams: int = 5
     batch_size: int = 16
     max_new_tokens: int | None = None
     top: int | None = None
-    exclude_history: bool = False
+    exclude_history: bool = True
+    length_normalization: bool = False
     precision: str = "fp32"
+
+    @property
+    def list_length(self) -> int | None:
+        """Items per user's list: None is the whole catalog (grounding only)."""
+        if self.decoding == Decoding.CONSTRAINED:
+            return self.top or CONSTRAINED_TOP
+        return self.top
 
 
 @dataclass
@@ -52,24 +86,45 @@ class Ranked:
 
 
 class Recommender:
-    """A base model (+ LoRA adapter) ready to recommend: catalog embedded once, reused.
+    """A base model (+ LoRA adapter) ready to recommend: the catalog prepared once, reused.
 
-    The repair's guard re-ranks the same users many times with patched LoRA weights;
-    grounding uses the base model only, so the catalog embeddings never change.
+    The repair's guard re-ranks the same users many times with patched LoRA weights, so
+    the catalog's title tree (constrained) and its embeddings (grounded: base model only,
+    so they never change) are built on first use and kept.
     """
 
     def __init__(self, model: Any, tokenizer: Any, bundle: Bundle, model_digest: str) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.model_digest = model_digest
+        self.item_ids = list(bundle.items)
+        self.item_texts = list(bundle.item_completions().values())
+        if not self.item_ids:
+            raise InputError("the catalog is empty: there is nothing to recommend")
+        self.item_index = {item_id: index for index, item_id in enumerate(self.item_ids)}
+        self.catalog_texts = set(self.item_texts)
+        self.device = next(model.parameters()).device
+        self.longest_title = max(len(tokenizer(text)["input_ids"]) for text in self.item_texts)
+
+    @cached_property
+    def catalog(self) -> torch.Tensor:
+        """Grounding embeddings of every item's completion text (base model only)."""
         from fudlr.models.lora import base_model_only
         from fudlr.recommender.grounding import catalog_embeddings
 
-        self.model, self.tokenizer = model, tokenizer
-        self.item_ids = list(bundle.items)
-        self.item_texts = list(bundle.item_completions().values())
-        self.catalog_texts = set(self.item_texts)
-        self.device = next(model.parameters()).device
-        with base_model_only(model):
-            self.catalog = catalog_embeddings(model, tokenizer, model_digest, self.item_texts)
-        self.longest_title = max(len(tokenizer(text)["input_ids"]) for text in self.item_texts)
+        with base_model_only(self.model):
+            return catalog_embeddings(
+                self.model, self.tokenizer, self.model_digest, self.item_texts
+            )
+
+    @cached_property
+    def title_search(self) -> ConstrainedSearch:
+        """The catalog's prefix tree for constrained decoding."""
+        from fudlr.recommender.constrained import ConstrainedSearch, TitleTree
+        from fudlr.recommender.encoding import encode_completion
+
+        sequences = [encode_completion(self.tokenizer, text) for text in self.item_texts]
+        tree = TitleTree.build(sequences, self.item_ids, self.tokenizer.eos_token_id)
+        return ConstrainedSearch(tree)
 
     @classmethod
     def load(
@@ -104,7 +159,60 @@ class Recommender:
         config: RecommendConfig = RecommendConfig(),
         progress: Callable[[int], None] | None = None,
     ) -> Ranked:
+        """Every row's list, by the config's decoding."""
+        if config.decoding == Decoding.CONSTRAINED:
+            return self.rank_constrained(rows, config, progress)
         return self.rank_generations(rows, self.generate(rows, config, progress), config)
+
+    def rank_constrained(
+        self,
+        rows: Sequence[SampleRow],
+        config: RecommendConfig = RecommendConfig(),
+        progress: Callable[[int], None] | None = None,
+    ) -> Ranked:
+        """Each row's `list_length` best catalog items by constrained beam search; the
+        "generation" of a row is its first item's title (always a catalog title)."""
+        import torch
+
+        from fudlr.models.device import autocast
+        from fudlr.recommender.encoding import encode_prompt
+        from fudlr.recommender.generate import left_pad
+
+        top = config.list_length
+        assert top is not None
+        search = self.title_search
+        prompts = [encode_prompt(self.tokenizer, row.prompt) for row in rows]
+        # prompts of similar length together: less left padding to run through the model
+        order = sorted(range(len(rows)), key=lambda index: len(prompts[index]))
+        lists: dict[int, list[tuple[int, float]]] = {}
+        for start in range(0, len(rows), config.batch_size):
+            positions = order[start : start + config.batch_size]
+            chunk = [rows[index] for index in positions]
+            input_ids, attention_mask = left_pad(
+                [prompts[index] for index in positions], self.tokenizer.pad_token_id
+            )
+            excluded = None
+            if config.exclude_history:
+                excluded = [
+                    [self.item_index[item] for item in row.history if item in self.item_index]
+                    for row in chunk
+                ]
+            with torch.no_grad(), autocast(self.device, config.precision):
+                found = search.search(
+                    self.model,
+                    input_ids.to(self.device),
+                    attention_mask.to(self.device),
+                    top=top,
+                    num_beams=config.num_beams,
+                    excluded=excluded,
+                    length_normalization=config.length_normalization,
+                )
+            lists.update(zip(positions, found, strict=True))
+            if progress is not None:
+                progress(len(chunk))
+        rankings = [[self.item_ids[item] for item, _ in lists[row]] for row in range(len(rows))]
+        generations = [self.item_texts[lists[row][0][0]] for row in range(len(rows))]
+        return Ranked(generations, [True] * len(rows), rankings)
 
     def generate(
         self,

@@ -16,7 +16,7 @@ from fudlr.models.store import load_base_model, model_digest
 from fudlr.models.tiny import build_tiny_model
 from fudlr.recommender.encoding import collate, encode_sample, per_sample_loss
 from fudlr.recommender.grounding import embed_texts, rank_by_distance
-from fudlr.recommender.recommend import RecommendConfig, recommend
+from fudlr.recommender.recommend import Decoding, RecommendConfig, recommend
 from fudlr.recommender.scoring import score_completions
 from fudlr.recommender.train import TrainConfig, read_weights, train_adapter
 
@@ -163,7 +163,7 @@ def test_recommend_writes_a_full_ranking_per_test_user(
 
     bundle = Bundle.load(tiny_bundle)
     out = tmp_path / "recs.jsonl"
-    config = RecommendConfig(num_beams=2, batch_size=4)
+    config = RecommendConfig(Decoding.GROUNDED, num_beams=2, batch_size=4, exclude_history=False)
     report = recommend(tiny_model, tiny_adapter[0], bundle, "test", out, config, device="cpu")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert report.users == len(rows) == len(bundle.split("test"))
@@ -173,7 +173,7 @@ def test_recommend_writes_a_full_ranking_per_test_user(
     assert 0.0 <= metrics["k"]["5"]["NDCG"] <= 1.0
 
     trimmed = tmp_path / "top.jsonl"
-    config = RecommendConfig(num_beams=1, top=5, exclude_history=True)
+    config = RecommendConfig(Decoding.GROUNDED, num_beams=1, top=5, exclude_history=True)
     recommend(tiny_model, tiny_adapter[0], bundle, "test", trimmed, config, device="cpu")
     for row, sample in zip(
         (json.loads(line) for line in trimmed.read_text().splitlines()),
