@@ -160,6 +160,46 @@ def test_train_size_is_a_seeded_subset(tmp_path: Path, ml100k_source: Path) -> N
     assert everything.counts["train"] == full.counts["train"]
 
 
+def test_items_that_share_a_title_are_merged(tmp_path: Path, tiny_movielens: TinyMovieLens):
+    """Item 2 gets item 1's title: its ratings become item 1's, and a user who rated both
+    keeps the earlier one only."""
+    from dataclasses import replace
+
+    items = [
+        replace(item, name="Movie 1", year=1971) if item.item_id == 2 else item
+        for item in tiny_movielens.items
+    ]
+    data = replace(tiny_movielens, items=items)
+    build_movielens_bundle(data.write(tmp_path / "src"), tmp_path / "out", history_len=HISTORY)
+    bundle = Bundle.load(tmp_path / "out")
+    assert "2" not in bundle.items and bundle.meta["protocol"]["merged_duplicate_titles"] == {
+        "2": "1"
+    }
+    expected = {}
+    for user, order in sequences(tiny_movielens).items():
+        kept = list(dict.fromkeys("1" if item == "2" else item for item in order))
+        expected[user] = kept
+    for row in bundle.split("test"):
+        assert [*row.history, row.target] == expected[row.user_id][-HISTORY - 1 :]
+    assert all("2" not in row.history and row.target != "2" for row in bundle.split("train"))
+
+
+def test_latest_windows_per_user(tmp_path: Path, ml100k_source: Path) -> None:
+    full = build_movielens_bundle(ml100k_source, tmp_path / "full")
+    latest = build_movielens_bundle(ml100k_source, tmp_path / "latest", latest_per_user=3)
+    by_user = defaultdict(list)
+    for row in Bundle.load(tmp_path / "full").split("train"):
+        by_user[row.user_id].append(row.sample_id)
+    expected = [sample for samples in by_user.values() for sample in samples[-3:]]
+    kept = [row.sample_id for row in Bundle.load(tmp_path / "latest").split("train")]
+    assert kept == expected and latest.counts["train"] == len(expected) < full.counts["train"]
+    assert latest.train_available == len(expected)
+    for split in ("valid", "test"):
+        assert (tmp_path / "latest" / f"{split}.jsonl").read_bytes() == (
+            tmp_path / "full" / f"{split}.jsonl"
+        ).read_bytes()
+
+
 def test_rebuild_is_byte_identical(tmp_path: Path, ml100k_source: Path) -> None:
     build_movielens_bundle(ml100k_source, tmp_path / "out", history_len=5)
     first = read_bytes(tmp_path / "out")
@@ -280,14 +320,20 @@ def test_failed_download_suggests_source(tmp_path: Path, monkeypatch: pytest.Mon
 def test_real_movielens_100k_from_the_recbole_wheel(tmp_path: Path) -> None:
     summary = build_movielens_bundle(None, tmp_path / "out", train_size=1000)
     bundle = Bundle.load(tmp_path / "out")
-    assert len(bundle.items) == 1682 and len(bundle.users) == 943
+    # 1,682 ids, of which 18 repeat another film's title (merged into the smaller id)
+    merged = bundle.meta["protocol"]["merged_duplicate_titles"]
+    assert len(merged) == 18 and merged["268"] == "246"  # "Chasing Amy (1997)"
+    assert len(bundle.items) == 1682 - 18 and len(bundle.users) == 943
+    titles = [item.title for item in bundle.items.values()]
+    assert len(set(titles)) == len(titles)
     assert len(bundle.split("test")) == 943 == len(bundle.split("valid"))
-    assert summary.popularity_sizes == [337, 337, 336, 336, 336]
-    assert bundle.meta["groups"]["popularity_group"]["sizes"] == [337, 337, 336, 336, 336]
+    assert summary.popularity_sizes == [333, 333, 333, 333, 332]
+    assert bundle.meta["groups"]["popularity_group"]["sizes"] == [333, 333, 333, 333, 332]
     assert bundle.items["1"].title == "Toy Story (1995)"
     assert bundle.items["267"].title == "unkonwn" and bundle.items["267"].attributes["year"] is None
     assert bundle.items["1412"].title == "Land Before Time III: The Time of the Great Giving (1995)"
-    assert summary.train_available == 100_000 - 3 * 943
+    # a user who rated both copies of a film keeps the first rating: fewer interactions
+    assert summary.train_available < 100_000 - 3 * 943
 
 
 # ----------------------------------------------------------------------------- CLI
