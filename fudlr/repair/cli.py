@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from fudlr.console import console, progress_bar
+from fudlr.recommender.recommend import Decoding
 
 
 def debias(
@@ -63,6 +64,10 @@ def debias(
     temperature: float = typer.Option(
         None, min=1e-3, help="Of the surrogate's distribution (default: calibrated per job)."
     ),
+    decoding: Decoding = typer.Option(
+        Decoding.CONSTRAINED,
+        help="How the hard recommendations are decoded (constrained, grounded).",
+    ),
     num_beams: int = typer.Option(5, min=1, help="Beam width of the hard recommendations."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for generation."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -95,7 +100,7 @@ def debias(
         random_control=random_control,
         max_other_k_increase=max_other_k_increase,
         temperature=temperature,
-        recommend=RecommendConfig(num_beams=num_beams, precision=precision),
+        recommend=RecommendConfig(decoding=decoding, num_beams=num_beams, precision=precision),
     )
     data = Bundle.load(bundle)
     check_job(data, config)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
 from fudlr.errors import InputError
 from fudlr.fairness.groups import Groups
-from fudlr.recommender.recommend import RecommendConfig
+from fudlr.recommender.recommend import Decoding, RecommendConfig
 from fudlr.repair.spec import BiasSpec
 
 ELIGIBILITY = ("selection", "samples")
@@ -79,6 +79,8 @@ class MaskConfig:
 # region where the recommender is linear in the weights, so the search goes down to 1/64
 STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 32, 1 / 64)
 RANDOM_CONTROL = ("off", "report", "require")
+# the K every measurement reports besides the biases' own (within the lists' length)
+REPORTED_KS = (1, 5, 10)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,17 @@ class DebiasConfig:
             )
         if (self.temperature is not None and self.temperature <= 0) or self.pool_per_group < 1:
             raise InputError("temperature must be positive and pool_per_group at least 1")
+        deepest = max(self.k_for_accuracy, *REPORTED_KS, *(bias.k for bias in self.biases))
+        if self.recommend.decoding == Decoding.CONSTRAINED and self.recommend.top is None:
+            # constrained lists are as long as the deepest K measured, no longer: each
+            # item costs beam search
+            object.__setattr__(self, "recommend", replace(self.recommend, top=deepest))
+        elif self.recommend.top is not None and self.recommend.top < deepest:
+            raise InputError(
+                f"recommendation lists of {self.recommend.top} items cannot measure "
+                f"K = {deepest}; ask for at least {deepest} (top)",
+                field="top",
+            )
 
     @property
     def k_for_accuracy(self) -> int:

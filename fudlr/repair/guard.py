@@ -23,12 +23,12 @@ from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
 from fudlr.fairness.metrics import evaluate
 from fudlr.recommender.recommend import RecommendConfig, Recommender
+from fudlr.repair.config import REPORTED_KS
 from fudlr.repair.spec import BiasSpec
 
 # every bias is also reported at these K (where the rankings are that long): a repair at
 # one K can move the same bias the other way at another (an MGU@5 repair on SmolLM2 made
 # MGU@1 58% worse), and the guard judges only the bias's own K
-REPORTED_KS = (1, 5, 10)
 
 
 @dataclass

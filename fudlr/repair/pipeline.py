@@ -23,7 +23,7 @@ from fudlr.data.schema import SampleRow
 from fudlr.errors import FudlrError, InputError
 from fudlr.fairness.metrics import group_shares
 from fudlr.fairness.surrogates import Quantities
-from fudlr.recommender.recommend import Ranked
+from fudlr.recommender.recommend import Decoding, Ranked
 from fudlr.repair.config import DebiasConfig, check_job, subset
 from fudlr.repair.guard import Measurement
 from fudlr.repair.mask import FairnessTarget, Selection, learn_mask
@@ -171,7 +171,7 @@ class DebiasJob:
                 groups,
                 config.pool_per_group,
                 config.seed,
-                self.recommender.neighborhoods(bias.k),
+                self._neighborhoods(bias.k),
                 anchors,
             )
             self.pools[bias.label] = pools
@@ -226,13 +226,25 @@ class DebiasJob:
         self._lap("queries: loss gradients")
         return Quantities.concat(parts), history
 
+    def _neighborhoods(self, k: int) -> dict[str, list[str]] | None:
+        """Grounding turns one generated title into a list (the title's nearest items), so
+        the surrogate counts that list's groups; a constrained list is the items' own."""
+        if self.config.recommend.decoding == Decoding.GROUNDED:
+            return self.recommender.neighborhoods(k)
+        return None
+
     def _recommendations_and_anchors(self) -> tuple[list[list[str]], list[list[str]]]:
-        """The query users' rankings, and per user the items its beams ground to (its
-        recommendation first): the titles decoding picks or nearly picks, where the
-        surrogate's probability mass must be right for its gradient to speak about them.
-        The best beams are the recommendations: they are kept as the original's measurement
-        of the query users, which the step search starts from (no second decoding)."""
+        """The query users' rankings, and per user the items decoding picks or nearly
+        picks (its recommendation first), where the surrogate's probability mass must be
+        right for its gradient to speak about them: a constrained list itself, or the
+        items a grounded search's beams ground to. The recommendations are kept as the
+        original's measurement of the query users, which the step search starts from (no
+        second decoding)."""
         recommend = self.config.recommend
+        if recommend.decoding == Decoding.CONSTRAINED:
+            ranked = self.recommender.rank(self.query_rows, recommend)
+            self.measure_original("valid", self.query_rows, ranked)
+            return ranked.rankings, ranked.rankings
         beams = self.recommender.generate_alternatives(self.query_rows, recommend)
         repeated = [row for row, texts in zip(self.query_rows, beams, strict=True) for _ in texts]
         grounded = self.recommender.rank_generations(

@@ -23,7 +23,7 @@ from fudlr.influence.scores import influence_scores, precondition_queries
 from fudlr.influence.tracker import lora_linears
 from fudlr.models.lora import load_adapter
 from fudlr.models.store import load_base_model
-from fudlr.recommender.recommend import RecommendConfig
+from fudlr.recommender.recommend import Decoding, RecommendConfig
 from fudlr.recommender.train import train_adapter
 from fudlr.repair.cli import result_table
 from fudlr.repair.config import DebiasConfig, MaskConfig
@@ -226,7 +226,9 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
         mask=MaskConfig(max_fraction=0.3),
         pool_per_group=6,
         max_ndcg_drop=0.5,
-        recommend=RecommendConfig(num_beams=2),
+        # the grounded protocol this test was calibrated on; under constrained decoding the
+        # same selection is found but its step moves MGU@1 only -10% on the 12 tiny users
+        recommend=RecommendConfig(Decoding.GROUNDED, num_beams=2, exclude_history=False),
     )
     job = DebiasJob(tiny_model, adapter, bundle, tmp_path / "index", config, device="cpu")
     report = job.run(tmp_path / "out")
