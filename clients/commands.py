@@ -165,11 +165,16 @@ def register(
         [],
         help="Index option KEY=VALUE (curvature_samples, precision, kind, ...); repeatable.",
     ),
+    decoding: str = typer.Option(
+        None, help="How jobs decode its lists: constrained (default) or grounded (BIGRec)."
+    ),
     wait: bool = typer.Option(False, help="Wait until the training-set index is built."),
 ) -> None:
     """Upload an adapter and its training data and register them as a recommender."""
     with _client() as client:
-        recommender = client.register(name, base_model, adapter, bundle, _options(index_option))
+        recommender = client.register(
+            name, base_model, adapter, bundle, _options(index_option), decoding
+        )
         info.print(f"recommender {recommender.id}: version 1, {recommender.state}")
         if wait:
             with info.status(f"indexing {recommender.id}"):

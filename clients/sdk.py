@@ -152,7 +152,10 @@ class Client:
         adapter_file_id: str,
         data: Mapping[str, str],
         index: Mapping[str, Any] | None = None,
+        decoding: str | None = None,
     ) -> RecommenderOut:
+        """`decoding` (constrained, grounded): how jobs decode its lists; None: the
+        service's default."""
         body = {
             "name": name,
             "base_model_id": base_model_id,
@@ -160,6 +163,8 @@ class Client:
             "data": dict(data),
             "index": dict(index or {}),
         }
+        if decoding is not None:
+            body["decoding"] = decoding
         response = self._request("POST", "/v1/recommenders", json=body)
         return RecommenderOut.model_validate(response.json())
 
@@ -170,6 +175,7 @@ class Client:
         adapter: str | Path,
         bundle: str | Path,
         index: Mapping[str, Any] | None = None,
+        decoding: str | None = None,
     ) -> RecommenderOut:
         """Everything at once: the base model (a registered id, or a directory to register),
         the adapter (a PEFT directory or archive) and the bundle's files."""
@@ -184,7 +190,7 @@ class Client:
             for purpose in DATA_PURPOSES
             if (bundle / f"{purpose}.jsonl").is_file()
         }
-        return self.create_recommender(name, base_model_id, adapter_file.id, data, index)
+        return self.create_recommender(name, base_model_id, adapter_file.id, data, index, decoding)
 
     def recommender(self, recommender_id: str) -> RecommenderOut:
         return self._get(RecommenderOut, f"/v1/recommenders/{recommender_id}")

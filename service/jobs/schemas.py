@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fudlr.errors import InputError
-from fudlr.recommender.recommend import RecommendConfig
+from fudlr.recommender.recommend import Decoding, RecommendConfig
 from fudlr.repair.config import STEP_SIZES, DebiasConfig, MaskConfig, check_distinct
 from fudlr.repair.spec import BiasSpec
 
@@ -84,6 +84,9 @@ class Options(_Request):
     pool_per_group: int = Field(4, ge=1, le=64)
     anchored_pools: bool = True
     temperature: float | None = Field(None, gt=0, le=10)
+    decoding: Decoding | None = Field(
+        None, description="constrained or grounded; null: the recommender's own (filled in)"
+    )
     num_beams: int = Field(5, ge=1, le=16)
     precision: Literal["fp32", "bf16"] = "fp32"
     step_sizes: list[float] = Field(
@@ -153,7 +156,11 @@ class JobSpec(_Request):
             step_sizes=tuple(options.step_sizes),
             guard_tries=options.guard_tries,
             random_control=options.random_control,
-            recommend=RecommendConfig(num_beams=options.num_beams, precision=options.precision),
+            recommend=RecommendConfig(
+                decoding=options.decoding or Decoding.CONSTRAINED,
+                num_beams=options.num_beams,
+                precision=options.precision,
+            ),
             seed=options.seed,
         )
 

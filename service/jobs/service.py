@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from fudlr.data.bundle import Bundle
 from fudlr.errors import InputError
+from fudlr.recommender.recommend import Decoding
 from service.auth.service import owned
 from service.db import new_id, utcnow
 from service.jobs.models import TERMINAL, Event, Job
@@ -56,6 +57,8 @@ def create_job(
             field="version",
         )
     spec = JobSpec.model_validate(request.model_dump(include={"biases", "budget", "options"}))
+    if spec.options.decoding is None:
+        spec.options.decoding = Decoding(recommender.decoding)
     _check_against_data(store, recommender, spec)
 
     job = Job(

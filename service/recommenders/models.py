@@ -26,6 +26,7 @@ class Recommender(Base):
     data: Mapped[dict[str, Any]]
     bundle_digest: Mapped[str] = mapped_column(String(64))
     index_options: Mapped[dict[str, Any]]
+    decoding: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fudlr.recommender.recommend import Decoding
 from service.jobs.schemas import JobError
 
 State = Literal["indexing", "ready", "failed"]
@@ -50,6 +51,11 @@ class RecommenderCreate(BaseModel):
     adapter_file_id: str
     data: DataFiles
     index: IndexOptions = Field(default_factory=IndexOptions)
+    decoding: Decoding = Field(
+        Decoding.CONSTRAINED,
+        description="how jobs decode this recommender's lists unless a job's options say "
+        "otherwise: constrained (the K best catalog items) or grounded (BIGRec)",
+    )
 
 
 class RecommenderOut(BaseModel):
@@ -60,6 +66,7 @@ class RecommenderOut(BaseModel):
     adapter_file_id: str
     data: dict[str, str]
     index: dict[str, Any]
+    decoding: Decoding
     state: State = Field(description="of version 1: indexing, then ready or failed")
     stage: str | None
     progress: float | None

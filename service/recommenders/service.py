@@ -63,6 +63,7 @@ def create_recommender(
         data={purpose: record.id for purpose, record in files.items()},
         bundle_digest=digest,
         index_options=request.index.model_dump(exclude_unset=True),
+        decoding=request.decoding,
     )
     version = Version(
         id=new_id("ver"),
@@ -116,6 +117,7 @@ def recommender_out(session: Session, recommender: Recommender) -> dict[str, Any
         "adapter_file_id": recommender.adapter_file_id,
         "data": recommender.data,
         "index": recommender.index_options,
+        "decoding": recommender.decoding,
         "state": first.state,
         "stage": first.stage,
         "progress": first.progress,
