@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 
 from service.auth.models import Tenant
 from service.files.models import File
-from service.models import Job, Version
+from service.models import Job, Recommender, Version
 from service.settings import Settings
 from tests.integration.harness import InProcessServer, api_key
 
@@ -645,6 +645,13 @@ def test_job_refusals(api: Api, registered: dict, ready: str) -> None:
             "options.random_control",
             "'require'",
         ),
+        (
+            {"biases": [BIAS], "options": {"decoding": "sampled"}},
+            422,
+            "validation_error",
+            "options.decoding",
+            "'constrained'",
+        ),
         ({"biases": [BIAS], "surprise": 1}, 422, "validation_error", "surprise", "Extra inputs"),
         ({"biases": [BIAS], "version": 7}, 404, "not_found", None, "version"),
     ]
@@ -657,6 +664,41 @@ def test_job_refusals(api: Api, registered: dict, ready: str) -> None:
         assert result.get("field") == field and reason in result["detail"], result
     with api.sessions()() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == jobs
+
+
+def test_a_recommender_keeps_its_decoding_and_jobs_inherit_it(api: Api, registered: dict) -> None:
+    assert registered["rec"]["decoding"] == "constrained"  # the default
+    body = {**registered["body"], "name": "grounded", "decoding": "grounded"}
+    grounded = api.ok("POST", "/v1/recommenders", json=body)
+    assert api.ok("GET", f"/v1/recommenders/{grounded['id']}")["decoding"] == "grounded"
+    with api.sessions().begin() as session:
+        session.execute(
+            update(Version).where(Version.recommender_id == grounded["id"]).values(state="ready")
+        )
+    inherited = api.ok(
+        "POST", "/v1/jobs", json={"recommender_id": grounded["id"], "biases": [BIAS]}
+    )
+    assert inherited["spec"]["options"]["decoding"] == "grounded"
+    chosen = api.ok(
+        "POST",
+        "/v1/jobs",
+        json={
+            "recommender_id": grounded["id"],
+            "biases": [BIAS],
+            "options": {"decoding": "constrained"},
+        },
+    )
+    assert chosen["spec"]["options"]["decoding"] == "constrained"
+    with api.sessions()() as session:
+        recommenders = session.scalar(select(func.count()).select_from(Recommender))
+    refused = problem(
+        api.call("POST", "/v1/recommenders", json={**body, "decoding": "beam"}),
+        422,
+        "validation_error",
+    )
+    assert refused["field"] == "decoding" and "'grounded'" in refused["detail"]
+    with api.sessions()() as session:
+        assert session.scalar(select(func.count()).select_from(Recommender)) == recommenders
 
 
 def test_idempotency_keys(api: Api, ready: str) -> None:
