@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fudlr-installed
 
-.PHONY: install demo test lint bench bench-quick bench-engine clean
+.PHONY: install demo test lint bench bench-quick bench-engine reference reference-metrics clean
 
 install: $(STAMP)
 
@@ -36,9 +36,17 @@ bench-quick: $(STAMP)
 bench-engine: $(STAMP)
 	$(BIN)/python -m bench.engine
 
+# the reference recommender (reference/): retrain it from its recipe (seeded; about an hour on
+# 2 CPU cores with native bf16), or measure the committed adapter against most-popular
+reference: $(STAMP)
+	$(BIN)/python -m bench.reference train
+
+reference-metrics: $(STAMP)
+	$(BIN)/python -m bench.reference evaluate
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf .fudlr-demo .fudlr-bench .pytest_cache .ruff_cache
+	rm -rf .fudlr-demo .fudlr-bench .fudlr-reference .pytest_cache .ruff_cache

