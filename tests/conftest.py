@@ -200,6 +200,16 @@ def planted_bundle(tiny_bundle: Path, out: Path, copies: int) -> Path:
     return out
 
 
+def twin_titles_bundle(tiny_bundle: Path, out: Path) -> Path:
+    """The tiny bundle with item 2 renamed to item 1's title, in every file alike."""
+    shutil.copytree(tiny_bundle, out)
+    bundle = Bundle.load(tiny_bundle)
+    first, second = bundle.items["1"].title, bundle.items["2"].title
+    for path in out.glob("*.jsonl"):
+        path.write_text(path.read_text().replace(second, first))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_bundle: Path):
     """A LoRA adapter trained for a few epochs on the tiny bundle (shared, read-only)."""

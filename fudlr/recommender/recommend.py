@@ -282,6 +282,36 @@ class Recommender:
         return Ranked(list(generations), exact, rankings)
 
 
+def check_decodable(bundle: Bundle, config: RecommendConfig, split: str = "valid") -> None:
+    """Refuse, before any model is loaded, what constrained decoding cannot do on this
+    bundle: titles it could not tell apart, lists longer than the items a user can get."""
+    if config.decoding != Decoding.CONSTRAINED:
+        return
+    items_file = bundle.root / "items.jsonl"
+    if not bundle.items:
+        raise InputError("the catalog is empty: there is nothing to recommend", file=items_file)
+    owner: dict[str, str] = {}
+    for item_id, item in bundle.items.items():
+        if item.title in owner:
+            raise InputError(
+                f"items '{owner[item.title]}' and '{item_id}' share the title {item.title!r}: "
+                "constrained decoding cannot tell them apart (merge them or make the titles "
+                "distinct)",
+                file=items_file,
+                field="title",
+            )
+        owner[item.title] = item_id
+    longest = max((len(set(row.history)) for row in bundle.split(split)), default=0)
+    reachable = len(bundle.items) - (longest if config.exclude_history else 0)
+    top = config.list_length or 0
+    if top > reachable:
+        raise InputError(
+            f"lists of {top} items cannot be filled: a user of split '{split}' can get only "
+            f"{reachable} of the catalog's {len(bundle.items)} items (history excluded)",
+            field="top",
+        )
+
+
 @dataclass
 class RecommendReport:
     users: int

@@ -14,7 +14,7 @@ from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
 from fudlr.errors import InputError
 from fudlr.fairness.groups import Groups
-from fudlr.recommender.recommend import Decoding, RecommendConfig
+from fudlr.recommender.recommend import Decoding, RecommendConfig, check_decodable
 from fudlr.repair.spec import BiasSpec
 
 ELIGIBILITY = ("selection", "samples")
@@ -196,4 +196,6 @@ def check_job(bundle: Bundle, config: DebiasConfig) -> dict[str, Groups]:
             raise InputError(f"the {split} split is empty", file=bundle.root / f"{split}.jsonl")
     if config.test_users != 0 and not bundle.split("test"):
         raise InputError("the test split is empty", file=bundle.root / "test.jsonl")
-    return {bias.label: bias.groups(bundle, "valid") for bias in config.biases}
+    groups = {bias.label: bias.groups(bundle, "valid") for bias in config.biases}
+    check_decodable(bundle, config.recommend)
+    return groups

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from fudlr.data.bundle import Bundle
 from fudlr.errors import InputError
-from fudlr.recommender.recommend import Decoding
+from fudlr.recommender.recommend import Decoding, check_decodable
 from service.auth.service import owned
 from service.db import new_id, utcnow
 from service.jobs.models import TERMINAL, Event, Job
@@ -104,6 +104,10 @@ def _check_against_data(store: TenantStore, recommender: Recommender, spec: JobS
             bias.spec().groups(bundle, "valid")
         except InputError as error:
             raise Problem(422, "invalid_bias", error.reason, field=f"biases.{position}") from None
+    try:
+        check_decodable(bundle, spec.to_config().recommend)
+    except InputError as error:
+        raise Problem(422, "not_decodable", error.reason, field="options.decoding") from None
     if "test" not in recommender.data:
         if spec.options.test_users:
             raise Problem(

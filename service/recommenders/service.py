@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SPLITS
 from fudlr.errors import InputError
+from fudlr.recommender.recommend import RecommendConfig, check_decodable
 from service.auth.service import owned
 from service.base_models.models import RegisteredModel
 from service.db import new_id
@@ -45,6 +46,7 @@ def create_recommender(
         try:
             bundle = Bundle.load(folder, splits=splits)
             bundle.item_completions()  # every completion wraps its target's title the same way
+            check_decodable(bundle, RecommendConfig(decoding=request.decoding))
         except InputError as error:
             raise input_problem(error, names=names) from None
         adapter_digest = adapter.details["digest"]

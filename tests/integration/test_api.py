@@ -18,10 +18,12 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
+from fudlr.data.bundle import Bundle
 from service.auth.models import Tenant
 from service.files.models import File
 from service.models import Job, Recommender, Version
 from service.settings import Settings
+from tests.conftest import twin_titles_bundle
 from tests.integration.harness import InProcessServer, api_key
 
 LIMIT = 512 << 10  # uploads; the tiny bundle's biggest file is ~90 KiB
@@ -666,7 +668,9 @@ def test_job_refusals(api: Api, registered: dict, ready: str) -> None:
         assert session.scalar(select(func.count()).select_from(Job)) == jobs
 
 
-def test_a_recommender_keeps_its_decoding_and_jobs_inherit_it(api: Api, registered: dict) -> None:
+def test_a_recommender_keeps_its_decoding_and_jobs_inherit_it(
+    api: Api, registered: dict, tiny_bundle: Path, tmp_path: Path
+) -> None:
     assert registered["rec"]["decoding"] == "constrained"  # the default
     body = {**registered["body"], "name": "grounded", "decoding": "grounded"}
     grounded = api.ok("POST", "/v1/recommenders", json=body)
@@ -689,8 +693,36 @@ def test_a_recommender_keeps_its_decoding_and_jobs_inherit_it(api: Api, register
         },
     )
     assert chosen["spec"]["options"]["decoding"] == "constrained"
+    # lists longer than the items a user can get: refused at submission, nothing queued
+    catalog = len(Bundle.load(tiny_bundle, splits=()).items)
+    refused = problem(
+        api.call(
+            "POST",
+            "/v1/jobs",
+            json={
+                "recommender_id": grounded["id"],
+                "biases": [{**BIAS, "k": catalog - 1}],
+                "options": {"decoding": "constrained"},
+            },
+        ),
+        422,
+        "not_decodable",
+    )
+    assert refused["field"] == "options.decoding" and "cannot be filled" in refused["detail"]
+
     with api.sessions()() as session:
         recommenders = session.scalar(select(func.count()).select_from(Recommender))
+    twins = twin_titles_bundle(tiny_bundle, tmp_path / "twins")
+    twin_data = {
+        purpose: api.upload(
+            (twins / f"{purpose}.jsonl").read_bytes(), purpose, f"twin-{purpose}.jsonl"
+        ).json()["id"]
+        for purpose in ("items", "users", "train", "valid", "test")
+    }
+    twin_body = {**registered["body"], "name": "twins", "data": twin_data}
+    refused = problem(api.call("POST", "/v1/recommenders", json=twin_body), 422, "invalid_data")
+    assert (refused["file"], refused["field"]) == ("twin-items.jsonl", "title")
+    assert "share the title" in refused["detail"]
     refused = problem(
         api.call("POST", "/v1/recommenders", json={**body, "decoding": "beam"}),
         422,
@@ -699,6 +731,8 @@ def test_a_recommender_keeps_its_decoding_and_jobs_inherit_it(api: Api, register
     assert refused["field"] == "decoding" and "'grounded'" in refused["detail"]
     with api.sessions()() as session:
         assert session.scalar(select(func.count()).select_from(Recommender)) == recommenders
+    grounded_twins = api.ok("POST", "/v1/recommenders", json={**twin_body, "decoding": "grounded"})
+    assert grounded_twins["decoding"] == "grounded"  # grounding ranks both twins
 
 
 def test_idempotency_keys(api: Api, ready: str) -> None:

@@ -15,7 +15,7 @@ from fudlr.models.store import load_base_model, model_digest
 from fudlr.recommender.constrained import TitleTree
 from fudlr.recommender.recommend import Decoding, RecommendConfig, Recommender
 from fudlr.recommender.scoring import score_completions
-from tests.conftest import run_cli
+from tests.conftest import run_cli, twin_titles_bundle
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,23 @@ def test_recommend_cli_writes_constrained_lists_and_refuses_unknown_decodings(
     assert len(err.strip().splitlines()) == 1
     config = RecommendConfig(decoding=Decoding("grounded"))
     assert config.list_length is None
+
+
+def test_check_decodable_refuses_twin_titles_and_unfillable_lists(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    from fudlr.recommender.recommend import check_decodable
+
+    twins = Bundle.load(twin_titles_bundle(tiny_bundle, tmp_path / "twins"))
+    with pytest.raises(InputError, match="items '1' and '2' share the title") as refused:
+        check_decodable(twins, RecommendConfig())
+    assert refused.value.field == "title" and refused.value.file.endswith("items.jsonl")
+    check_decodable(twins, RecommendConfig(Decoding.GROUNDED))  # grounding ranks both
+
+    bundle = Bundle.load(tiny_bundle)
+    longest = max(len(set(row.history)) for row in bundle.split("valid"))
+    fits = len(bundle.items) - longest
+    check_decodable(bundle, RecommendConfig(top=fits))
+    with pytest.raises(InputError, match=f"lists of {fits + 1} items cannot be filled"):
+        check_decodable(bundle, RecommendConfig(top=fits + 1))
+    check_decodable(bundle, RecommendConfig(top=fits + 1, exclude_history=False))
