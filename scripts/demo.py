@@ -117,6 +117,8 @@ def recommend_and_measure(
     recommend_args = ["recommend", "--base-model", str(model), "--adapter", str(adapter)]
     recommend_args += ["--bundle", str(bundle), "--split", "test", "--out", str(recommendations)]
     recommend_args += ["--num-beams", str(args.num_beams), "--precision", args.precision]
+    # the demo's own small recommender keeps the grounded protocol it was written for
+    recommend_args += ["--decoding", "grounded", "--no-exclude-history"]
     weights = adapter / "adapter_model.safetensors"
     cli_step(f"recommend ({name})", recommend_args, recommendations, work, inputs=(weights,))
     metrics_args = ["metrics", "--bundle", str(bundle), "--split", "test", "--k", "1,5,10"]
@@ -141,6 +143,7 @@ def repair_through_the_service(
         env["FUDLR_API_KEY"] = fudlr(["keys", "create", "--tenant", "demo"], env, capture=True)
         register = ["register", "--name", "movielens-smollm2", "--base-model", str(model)]
         register += ["--adapter", str(adapter), "--bundle", str(bundle), "--wait"]
+        register += ["--decoding", "grounded"]
         register += ["--index-option", "curvature_samples=256"]
         register += ["--index-option", f"precision={args.precision}"]
         recommender = fudlr(register, env, capture=True)
