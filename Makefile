@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# FUDLR against the baselines on SmolLM2 + MovieLens-100K (issue 5); full: hours on 2 CPU cores;
+# FUDLR against the baselines on SmolLM2 + MovieLens-100K (bench/README.md); full: hours on 2 CPU cores;
 # in two sittings: BENCH_ARGS="--no-scaling --no-service", then BENCH_ARGS="--systems-from FILE"
 bench: $(STAMP)
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)
@@ -32,7 +32,7 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.compare --quick
 
-# influence throughput and job cost (issue 3); full: ~40 min on 2 CPU cores
+# training recipes, influence throughput and job cost (bench/engine.py); full: ~45 min on 2 CPU cores
 bench-engine: $(STAMP)
 	$(BIN)/python -m bench.engine
 

@@ -176,7 +176,7 @@ def main() -> None:
         # the benchmark keeps the grounded protocol of its published runs until it moves to
         # the reference recommender
         recommend=RecommendConfig(
-            decoding=Decoding.GROUNDED, num_beams=5, precision=args.precision
+            decoding=Decoding.GROUNDED, num_beams=5, exclude_history=False, precision=args.precision
         ),
     )
     started = time.perf_counter()

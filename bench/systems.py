@@ -139,7 +139,10 @@ class SystemsBench:
         # the grounded protocol of the published runs (IFairLRS reranking moves grounding
         # distances); the benchmark moves to constrained decoding with the reference recommender
         self.decoding = RecommendConfig(
-            decoding=Decoding.GROUNDED, num_beams=profile.num_beams, precision=profile.precision
+            decoding=Decoding.GROUNDED,
+            num_beams=profile.num_beams,
+            exclude_history=False,
+            precision=profile.precision,
         )
         self.test_rows = subset(self.bundle.split("test"), profile.test_users, profile.seed + 2)
         # the guard's users (DebiasConfig.seed + 1): the reranking is tuned on the same ones
