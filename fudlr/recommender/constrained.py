@@ -122,6 +122,8 @@ class ConstrainedSearch:
         self._expansions: dict[int, _Expansions] = {}
 
     def expansions(self, node: int, blocked: dict[int, set[int]]) -> _Expansions:
+        """The children of `node` a prompt may enter: all of them (cached), or those not
+        blocked by its excluded items."""
         import torch
 
         closed = blocked.get(node)
@@ -186,7 +188,7 @@ class ConstrainedSearch:
         attention_mask = attention_mask.repeat_interleave(beams, dim=0)
         next_position = positions[:, -1:].repeat_interleave(beams, dim=0) + 1
 
-        # per slot (row * beams + beam): its node, score and token count; None = dead
+        # per slot (row * beams + beam): its tree node (None = dead) and its score
         nodes: list[int | None] = [
             0 if slot % beams == 0 else None for slot in range(batch * beams)
         ]
