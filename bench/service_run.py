@@ -33,7 +33,10 @@ def through_the_service(
         key = create_key(env, "bench")
         with Client(env["FUDLR_URL"], key) as client:
             started = time.perf_counter()
-            recommender = client.register("bench", model_dir, adapter, bundle_dir, index)
+            # the benchmark's protocol: grounded decoding
+            recommender = client.register(
+                "bench", model_dir, adapter, bundle_dir, index, decoding="grounded"
+            )
             client.wait_ready(recommender.id)
             index_seconds = time.perf_counter() - started
             started = time.perf_counter()

@@ -96,7 +96,9 @@ def recommend(
         help=f"Items per user (default: {CONSTRAINED_TOP} constrained, the catalog grounded).",
     ),
     exclude_history: bool = typer.Option(
-        True, help="Never recommend an item already in the user's history (its prompt's)."
+        None,
+        help="Never recommend an item already in the user's history (its prompt's); "
+        "default: yes when constrained, no when grounded.",
     ),
     length_normalization: bool = typer.Option(
         False, help="Constrained: rank titles by mean, not summed, token log-probability."

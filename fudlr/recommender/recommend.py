@@ -47,7 +47,8 @@ class RecommendConfig:
     beam width (1 = greedy; constrained decoding uses at least `top`). top: keep the
     first N items of each list (None = the full catalog under grounding, CONSTRAINED_TOP
     under constrained decoding). exclude_history: never recommend an item already in
-    the user's history. length_normalization: constrained decoding ranks by the mean
+    the user's history (None: yes under constrained decoding, no under grounding, whose
+    protocol ranks the whole catalog). length_normalization: constrained decoding ranks by the mean
     instead of the sum of token log-probabilities. precision: fp32 or bf16 autocast for
     the model (grounding embeddings are always fp32).
     """
@@ -57,9 +58,15 @@ class RecommendConfig:
     batch_size: int = 16
     max_new_tokens: int | None = None
     top: int | None = None
-    exclude_history: bool = True
+    exclude_history: bool | None = None
     length_normalization: bool = False
     precision: str = "fp32"
+
+    @property
+    def excludes_history(self) -> bool:
+        if self.exclude_history is None:
+            return self.decoding == Decoding.CONSTRAINED
+        return self.exclude_history
 
     @property
     def list_length(self) -> int | None:
@@ -192,7 +199,7 @@ class Recommender:
                 [prompts[index] for index in positions], self.tokenizer.pad_token_id
             )
             excluded = None
-            if config.exclude_history:
+            if config.excludes_history:
                 excluded = [
                     [self.item_index[item] for item in row.history if item in self.item_index]
                     for row in chunk
@@ -274,7 +281,7 @@ class Recommender:
         rankings = []
         for row, ranked in zip(rows, order.tolist(), strict=True):
             items = [self.item_ids[index] for index in ranked]
-            if config.exclude_history:
+            if config.excludes_history:
                 seen = set(row.history)
                 items = [item for item in items if item not in seen]
             rankings.append(items[: config.top] if config.top is not None else items)
@@ -302,7 +309,7 @@ def check_decodable(bundle: Bundle, config: RecommendConfig, split: str = "valid
             )
         owner[item.title] = item_id
     longest = max((len(set(row.history)) for row in bundle.split(split)), default=0)
-    reachable = len(bundle.items) - (longest if config.exclude_history else 0)
+    reachable = len(bundle.items) - (longest if config.excludes_history else 0)
     top = config.list_length or 0
     if top > reachable:
         raise InputError(

@@ -85,7 +85,9 @@ class Options(_Request):
     anchored_pools: bool = True
     temperature: float | None = Field(None, gt=0, le=10)
     decoding: Decoding | None = Field(
-        None, description="constrained or grounded; null: the recommender's own (filled in)"
+        None,
+        description="constrained (history items excluded) or grounded (the whole catalog "
+        "ranked); null: the recommender's own, filled in at submission",
     )
     num_beams: int = Field(5, ge=1, le=16)
     precision: Literal["fp32", "bf16"] = "fp32"

@@ -27,7 +27,8 @@ from tests.integration.harness import (
 PLANTED_JOB = {
     "biases": ["item:popularity_group:MGU@1"],
     "budget": {"max_fraction": 0.3, "max_ndcg_drop": 0.9},
-    "options": {"pool_per_group": 6, "num_beams": 2},
+    # the grounded protocol the planted test was calibrated on
+    "options": {"pool_per_group": 6, "num_beams": 2, "decoding": "grounded"},
 }
 
 

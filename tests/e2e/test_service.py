@@ -237,6 +237,8 @@ def test_the_embedded_mode_through_the_command_line(tmp_path: Path, planted, tin
                 "--option",
                 "num_beams=2",
                 "--option",
+                "decoding=grounded",
+                "--option",
                 "test_users=0",
                 "--wait",
             )

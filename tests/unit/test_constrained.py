@@ -25,8 +25,15 @@ def recommender(tiny_model: Path, tiny_bundle: Path, tiny_adapter) -> Recommende
     return Recommender(model, tokenizer, Bundle.load(tiny_bundle), model_digest(tiny_model))
 
 
-def _exact_top(recommender: Recommender, prompt: str, top: int, normalise: bool = False):
-    """(item ids, scores) of the `top` best titles, by scoring every title of the catalog."""
+def _exact_top(
+    recommender: Recommender,
+    prompt: str,
+    top: int,
+    normalise: bool = False,
+    excluded: frozenset[str] = frozenset(),
+):
+    """(item ids, scores) of the `top` best titles outside `excluded`, by scoring every
+    title of the catalog."""
     from fudlr.recommender.encoding import encode_completion
 
     with torch.no_grad():
@@ -36,6 +43,8 @@ def _exact_top(recommender: Recommender, prompt: str, top: int, normalise: bool 
     if normalise:
         lengths = [len(encode_completion(recommender.tokenizer, t)) for t in recommender.item_texts]
         scores = scores / torch.tensor(lengths, dtype=scores.dtype)
+    for item in excluded:
+        scores[recommender.item_index[item]] = float("-inf")
     best = scores.topk(top)
     return [recommender.item_ids[i] for i in best.indices.tolist()], best.values.tolist()
 
@@ -52,18 +61,27 @@ def test_every_list_holds_distinct_catalog_items_outside_the_history(
         assert not set(items) & set(row.history)
         assert generation == recommender.item_texts[recommender.item_index[items[0]]]
     assert all(ranked.grounded_exactly)
+    assert RecommendConfig().excludes_history  # constrained: by default
+    assert not RecommendConfig(Decoding.GROUNDED).excludes_history  # grounding: the protocol
 
 
-@pytest.mark.parametrize("normalise", [False, True])
+@pytest.mark.parametrize(("normalise", "exclude"), [(False, False), (True, False), (False, True)])
 def test_with_beams_covering_the_catalog_the_top_k_is_exact(
-    recommender: Recommender, tiny_bundle: Path, normalise: bool
+    recommender: Recommender, tiny_bundle: Path, normalise: bool, exclude: bool
 ) -> None:
     rows = Bundle.load(tiny_bundle).split("valid")[:4]
     catalog = len(recommender.item_ids)
-    config = RecommendConfig(num_beams=catalog, top=8, batch_size=2, length_normalization=normalise)
+    config = RecommendConfig(
+        num_beams=catalog,
+        top=8,
+        batch_size=2,
+        length_normalization=normalise,
+        exclude_history=exclude,
+    )
     found = recommender.rank(rows, config)
     for row, items in zip(rows, found.rankings, strict=True):
-        expected, _ = _exact_top(recommender, row.prompt, 8, normalise)
+        excluded = frozenset(row.history if exclude else ())
+        expected, _ = _exact_top(recommender, row.prompt, 8, normalise, excluded)
         assert items == expected
 
 
@@ -82,7 +100,8 @@ def test_every_title_is_reachable_including_shared_prefixes(
     assert shared, "the tiny catalog should have titles with a common prefix"
     row = Bundle.load(tiny_bundle).split("test")[0]
     catalog = len(recommender.item_ids)
-    ranked = recommender.rank([row], RecommendConfig(num_beams=catalog, top=catalog))
+    config = RecommendConfig(num_beams=catalog, top=catalog, exclude_history=False)
+    ranked = recommender.rank([row], config)
     expected, _ = _exact_top(recommender, row.prompt, catalog)
     assert ranked.rankings[0] == expected
 
