@@ -252,6 +252,37 @@ def plot_curve(curve: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=150)
 
 
+def markdown(metrics: dict[str, Any]) -> str:
+    """The metrics as the README's table: accuracy with hits, the popularity bias, and the
+    paired difference to most-popular."""
+    lines = [
+        "| split (users) | system | NDCG@10 | HR@10 (hits) | MGU@1 | MGU@5 | MGU@10 "
+        "| top group: share of top-1 / top-10 (of histories) | gender NDCG@10 gap |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for split, measured in metrics["splits"].items():
+        for name, system in measured["systems"].items():
+            at = system["popularity"]["k"]
+            top = sorted(at["10"]["GH"], key=int)[-1]
+            lines.append(
+                f"| {split} ({measured['users']}) | {name.replace('_', '-')} "
+                f"| {at['10']['NDCG']:.4f} | {at['10']['HR']:.4f} ({system['hits']['10']}) "
+                + "".join(f"| {at[str(k)]['MGU']:.3f} " for k in KS)
+                + f"| {at['1']['GP'][top]:.1%} / {at['10']['GP'][top]:.1%} "
+                f"({at['10']['GH'][top]:.1%}) | {at['10']['user_gap']['NDCG']:.4f} |"
+            )
+    lines.append("")
+    for split, measured in metrics["splits"].items():
+        for key in ("NDCG@10", "HR@10"):
+            d = measured["reference_minus_most_popular"][key]
+            lines.append(
+                f"- {split}: reference − most-popular {key} {d['mean']:+.4f}, 95% paired "
+                f"bootstrap interval [{d['low']:+.4f}, {d['high']:+.4f}], "
+                f"P(not above) {d['p_not_above']:.3f}"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def digests(model_dir: Path, bundle_dir: Path, adapter: Path) -> dict[str, str]:
     from fudlr.data.bundle import Bundle
     from fudlr.influence.index import adapter_weights_digest
@@ -309,6 +340,7 @@ def main() -> None:
             recipe, args.adapter, bundle_dir, model_dir, split, args.users
         )
     args.out.write_text(json.dumps(metrics, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(metrics))
     if "test" in metrics["splits"]:
         plot_bias(metrics, args.out.with_name("bias.png"))
     show(metrics)
