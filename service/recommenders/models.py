@@ -26,7 +26,8 @@ class Recommender(Base):
     data: Mapped[dict[str, Any]]
     bundle_digest: Mapped[str] = mapped_column(String(64))
     index_options: Mapped[dict[str, Any]]
-    decoding: Mapped[str] = mapped_column(String(16))
+    # how jobs decode its lists unless they say otherwise (a Decoding value)
+    decoding: Mapped[str] = mapped_column(String(16), default="constrained")
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
