@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
@@ -43,6 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # admitted requests take at most one thread at a time; the rest serve uploads'
+        # spooling, metrics and probes
+        threads = anyio.to_thread.current_default_thread_limiter()
+        threads.total_tokens = max(threads.total_tokens, settings.max_concurrent_requests + 16)
         if settings.auto_migrate:
             await asyncio.to_thread(migrate, context.engine)
         reaper = asyncio.create_task(_reap_forever(context))

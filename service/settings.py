@@ -45,6 +45,28 @@ class Settings(BaseSettings):
     max_extracted_bytes: int = Field(4 << 30, gt=0)
     max_archive_members: int = Field(64, gt=0)
 
+    db_pool_size: int = Field(
+        24,
+        ge=2,
+        description="database connections each API process keeps open; requests in flight "
+        "are capped below it, so a request never waits for a connection",
+    )
+    db_pool_timeout_seconds: float = Field(
+        10.0, gt=0, description="longest wait for a pooled connection before an error"
+    )
+    max_concurrent_requests: int = Field(
+        16,
+        ge=1,
+        description="API requests handled at once; more wait their turn in the event loop, "
+        "holding no thread and no connection (at most db_pool_size - 4: the rest is kept "
+        "for probes, metrics, the reaper and task sends)",
+    )
+    request_queue_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="a request that waited this long for its turn answers 503 (Retry-After)",
+    )
+
     queue: str = "gpu"
     device: str = "auto"
     lease_seconds: float = Field(120.0, gt=0)
@@ -59,6 +81,13 @@ class Settings(BaseSettings):
     def _heartbeat_within_lease(self) -> Settings:
         if self.heartbeat_seconds is not None and self.heartbeat_seconds >= self.lease_seconds:
             raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
+        return self
+
+    @model_validator(mode="after")
+    def _requests_within_pool(self) -> Settings:
+        """Every admitted request must find a connection, or threads wait on the pool."""
+        if self.max_concurrent_requests > self.db_pool_size - 4:
+            raise ValueError("max_concurrent_requests must be at most db_pool_size - 4")
         return self
 
     @cached_property
