@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from fudlr import __version__
@@ -27,6 +27,7 @@ from service.jobs.router import router as jobs
 from service.middleware import BodyLimit, RequestMetrics
 from service.recommenders.router import router as recommenders
 from service.settings import Settings
+from service.validation import known_query
 from workers.reaper import reap
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reaper.cancel()
             context.engine.dispose()
 
-    app = FastAPI(title="FUDLR", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="FUDLR",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(known_query)],
+    )
     app.state.context = context
     app.state.metrics = CollectorRegistry()
     app.state.metrics.register(ServiceCollector(context))

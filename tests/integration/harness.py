@@ -138,6 +138,7 @@ class InProcessServer:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> InProcessServer:
+        self.app.openapi()  # built once, seconds on a busy machine: not in a test's timeout
         self.thread.start()
         wait_for(lambda: self.server.started, timeout=30, what="uvicorn to start")
         return self
