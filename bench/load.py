@@ -281,8 +281,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             os.environ["FUDLR_DATABASE_URL"] = stack.enter_context(
                 throwaway_database(args.database_url)
             )
-        os.environ["FUDLR_MODEL_ROOTS"] = json.dumps([str(work / "models")])
-        with embedded_service(work / "data", port, work / "serve.log") as env:
+        service = embedded_service(
+            work / "data", port, work / "serve.log", model_roots=[work / "models"]
+        )
+        with service as env:
             tenant = f"load-{secrets.token_hex(3)}"
             key = create_key(env, tenant)
             if args.job:

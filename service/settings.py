@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fudlr.paths import model_store
+
 
 def _default_data_dir() -> Path:
     """`$XDG_DATA_HOME/fudlr` (else ~/.local/share/fudlr): service state is not a cache."""
@@ -26,7 +28,8 @@ class Settings(BaseSettings):
     data_dir: root of the embedded defaults. database_url: SQLAlchemy URL (sqlite:///...,
     postgresql://...). broker_url: Celery broker (redis://..., filesystem://).
     artifact_dir: adapters, data files, indexes (shared by the API and every worker).
-    model_roots: if set, base models may only be registered below these directories.
+    model_roots: base models may only be registered below these directories (default: the
+    data directory's `models/` folder and the method's model store, FUDLR_MODEL_STORE).
     lease_seconds: a running task's lease; a worker renews it every heartbeat_seconds, and
     the reaper requeues (or fails, after max_attempts) work whose lease expired.
     visibility_timeout_seconds: Redis redelivers an unacknowledged task after this long;
@@ -41,9 +44,19 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = None
     model_roots: list[Path] = Field(default_factory=list)
 
-    max_upload_bytes: int = Field(2 << 30, gt=0)
-    max_extracted_bytes: int = Field(4 << 30, gt=0)
-    max_archive_members: int = Field(64, gt=0)
+    max_upload_bytes: int = Field(1 << 30, gt=0, description="largest file a client may upload")
+    max_extracted_bytes: int = Field(
+        1 << 30,
+        gt=0,
+        description="largest size an adapter archive may unpack to, every entry counted "
+        "(a LoRA adapter's weights are well below it)",
+    )
+    max_archive_members: int = Field(
+        64, gt=0, description="most entries an adapter archive may hold"
+    )
+    max_line_bytes: int = Field(
+        1 << 20, gt=0, description="longest line a JSON Lines data file may have"
+    )
 
     db_pool_size: int = Field(
         24,
@@ -93,6 +106,13 @@ class Settings(BaseSettings):
     @cached_property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'fudlr.db'}"
+
+    @cached_property
+    def roots(self) -> list[Path]:
+        """Where base models may be registered from: `model_roots`, else the defaults."""
+        if self.model_roots:
+            return list(self.model_roots)
+        return [self.data_dir / "models", model_store()]
 
     @cached_property
     def broker(self) -> str:
