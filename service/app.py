@@ -24,7 +24,7 @@ from service.files.router import router as files
 from service.health.router import ServiceCollector
 from service.health.router import router as health
 from service.jobs.router import router as jobs
-from service.middleware import BodyLimit, RequestMetrics
+from service.middleware import AuthBeforeBody, BodyLimit, RequestMetrics
 from service.recommenders.router import router as recommenders
 from service.settings import Settings
 from service.validation import known_query
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics.register(ServiceCollector(context))
     problems.install(app)
     app.add_middleware(BodyLimit, upload_limit=settings.max_upload_bytes)
+    app.add_middleware(AuthBeforeBody, tenant_of=context.tenant_of)
     app.add_middleware(RequestMetrics, registry=app.state.metrics)
     for router in (files, base_models, recommenders, jobs):
         app.include_router(router, responses=problems.RESPONSES)

@@ -42,6 +42,14 @@ class Context:
     def __post_init__(self) -> None:
         self.admission = asyncio.Semaphore(self.settings.max_concurrent_requests)
 
+    def tenant_of(self, key: str) -> str | None:
+        """The tenant of an API key, on a short session of its own (before a request is
+        admitted: it holds a connection only for the lookup)."""
+        from service.auth.service import tenant_of
+
+        with self.sessions() as session:
+            return tenant_of(session, key)
+
     @classmethod
     def build(cls, settings: Settings) -> Context:
         engine = make_engine(

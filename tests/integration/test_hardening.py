@@ -179,3 +179,22 @@ def test_bad_range_headers_are_problems(served) -> None:
         assert refused.value.status == 416
         assert refused.value.headers["Content-Range"] == "bytes */50"
     _check_range("bytes=0-9, 20-", 50)
+
+
+def test_an_upload_without_a_valid_key_is_refused_before_its_body_is_read(served) -> None:
+    """The 401 comes back while the client has sent only the headers of a large upload."""
+    import socket
+
+    server, _, _ = served
+    for authorization in ("", "Authorization: Bearer fudlr-wrong\r\n"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(
+                (
+                    "POST /v1/files HTTP/1.1\r\nHost: x\r\n"
+                    "Content-Type: multipart/form-data; boundary=b\r\n"
+                    f"Content-Length: {1 << 30}\r\n{authorization}\r\n"
+                ).encode()
+            )
+            answer = sock.recv(65536).decode("latin-1")
+        assert answer.startswith("HTTP/1.1 401"), answer
+        assert "application/problem+json" in answer and "unauthorized" in answer
