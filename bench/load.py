@@ -83,20 +83,28 @@ async def _request(
     return status, await reader.readexactly(length)
 
 
-async def _poller(
-    port: int, path: str, key: str, interval: float, stop: float, tally: Tally
+async def _client(
+    port: int,
+    path: str,
+    headers: str,
+    period: float,
+    stop: float,
+    tally: Tally,
+    keep_alive: bool = True,
+    timeout: float = _TIMEOUT,
 ) -> None:
-    """Poll `path` until the clock passes `stop`; reconnect after any failure."""
-    headers = f"Authorization: Bearer {key}\r\n"
+    """Ask `path` every `period` seconds until the clock passes `stop`: a poller keeps its
+    connection (reconnecting after a failure), a probe opens a fresh one each time, as an
+    orchestrator's does."""
     connection = None
     while time.monotonic() < stop:
         started = time.monotonic()
         try:
             if connection is None:
                 connection = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", port), _TIMEOUT
+                    asyncio.open_connection("127.0.0.1", port), timeout
                 )
-            status, _ = await asyncio.wait_for(_request(*connection, path, headers), _TIMEOUT)
+            status, _ = await asyncio.wait_for(_request(*connection, path, headers), timeout)
             if status == 200:
                 tally.latencies.append(time.monotonic() - started)
             else:
@@ -106,28 +114,16 @@ async def _poller(
             if connection is not None:
                 connection[1].close()
             connection = None
-        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+        if not keep_alive and connection is not None:
+            connection[1].close()
+            connection = None
+        await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
     if connection is not None:
         connection[1].close()
 
 
-async def _probe(port: int, path: str, stop: float, tally: Tally, every: float = 0.5) -> None:
-    """A liveness/readiness probe as an orchestrator sends it: a fresh connection each time."""
-    while time.monotonic() < stop:
-        started = time.monotonic()
-        try:
-            connection = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-            try:
-                status, _ = await asyncio.wait_for(_request(*connection, path, ""), 5)
-            finally:
-                connection[1].close()
-            if status == 200:
-                tally.latencies.append(time.monotonic() - started)
-            else:
-                tally.errors[f"http {status}"] += 1
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as error:
-            tally.errors[type(error).__name__] += 1
-        await asyncio.sleep(max(0.0, every - (time.monotonic() - started)))
+def _probe(port: int, path: str, stop: float, tally: Tally) -> Any:
+    return _client(port, path, "", 0.5, stop, tally, keep_alive=False, timeout=5)
 
 
 async def _load(
@@ -135,13 +131,16 @@ async def _load(
 ) -> dict[str, Any]:
     started = time.monotonic()
     stop = started + seconds
+    headers = f"Authorization: Bearer {key}\r\n"
     polls = Tally()
     probes = {name: Tally() for name in ("healthz", "readyz")}
     tails = {name: Tally() for name in ("healthz_after", "readyz_after")}
     # pollers start spread over one interval, as clients that opened at different times
     tasks = [
         asyncio.create_task(
-            _delayed(i * interval / pollers, _poller(port, job_path, key, interval, stop, polls))
+            _delayed(
+                i * interval / pollers, _client(port, job_path, headers, interval, stop, polls)
+            )
         )
         for i in range(pollers)
     ]
