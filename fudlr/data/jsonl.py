@@ -34,7 +34,8 @@ def iter_rows(
                     f"not valid JSON ({error.msg})", file=path, line=line_number
                 ) from None
             except (ValueError, RecursionError) as error:  # too deep, or too many digits
-                reason = "nested too deeply" if isinstance(error, RecursionError) else error
+                deep = isinstance(error, RecursionError)
+                reason = "nested too deeply" if deep else "a number with too many digits"
                 raise InputError(
                     f"not valid JSON ({reason})", file=path, line=line_number
                 ) from None
