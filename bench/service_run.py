@@ -29,7 +29,8 @@ def through_the_service(
     """Register, index, submit, wait; seconds of each as a client sees them."""
     data = work / "service"
     shutil.rmtree(data, ignore_errors=True)  # a queue of its own: no job left from a past run
-    with embedded_service(data, port, work / "service.log") as env:
+    service = embedded_service(data, port, work / "service.log", model_roots=[model_dir.parent])
+    with service as env:
         key = create_key(env, "bench")
         with Client(env["FUDLR_URL"], key) as client:
             started = time.perf_counter()

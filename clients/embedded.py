@@ -3,11 +3,12 @@ child process, for scripts that drive the service end to end (the demo, the benc
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,11 +22,22 @@ FUDLR = [sys.executable, "-m", "clients.cli"]
 
 @contextmanager
 def embedded_service(
-    data_dir: Path, port: int, log: Path, ready_timeout: float = 120.0
+    data_dir: Path,
+    port: int,
+    log: Path,
+    ready_timeout: float = 120.0,
+    model_roots: Sequence[Path] | None = None,
 ) -> Iterator[dict[str, str]]:
     """Start the service with its state under `data_dir` and its output in `log`; yields the
-    environment its clients need (FUDLR_URL, FUDLR_DATA_DIR for `fudlr keys`); stops it after."""
+    environment its clients need (FUDLR_URL, FUDLR_DATA_DIR for `fudlr keys`); stops it after.
+
+    Base models may be registered from `model_roots`; by default from the folder that holds
+    `data_dir` (a script keeps its models beside the service's state) unless
+    FUDLR_MODEL_ROOTS says otherwise."""
     env = {**os.environ, "FUDLR_DATA_DIR": str(data_dir), "FUDLR_URL": f"http://127.0.0.1:{port}"}
+    if model_roots is not None or "FUDLR_MODEL_ROOTS" not in env:
+        roots = model_roots if model_roots is not None else [data_dir.parent]
+        env["FUDLR_MODEL_ROOTS"] = json.dumps([str(Path(root).resolve()) for root in roots])
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as output:
         server = subprocess.Popen(

@@ -11,7 +11,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+import anyio.to_thread
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from fudlr import __version__
@@ -23,9 +24,10 @@ from service.files.router import router as files
 from service.health.router import ServiceCollector
 from service.health.router import router as health
 from service.jobs.router import router as jobs
-from service.middleware import BodyLimit, RequestMetrics
+from service.middleware import AuthBeforeBody, BodyLimit, RequestMetrics
 from service.recommenders.router import router as recommenders
 from service.settings import Settings
+from service.validation import known_query
 from workers.reaper import reap
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # admitted requests take at most one thread at a time; the rest serve uploads'
+        # spooling, metrics and probes
+        threads = anyio.to_thread.current_default_thread_limiter()
+        threads.total_tokens = max(threads.total_tokens, settings.max_concurrent_requests + 16)
         if settings.auto_migrate:
             await asyncio.to_thread(migrate, context.engine)
         reaper = asyncio.create_task(_reap_forever(context))
@@ -52,12 +58,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reaper.cancel()
             context.engine.dispose()
 
-    app = FastAPI(title="FUDLR", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="FUDLR",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(known_query)],
+    )
     app.state.context = context
     app.state.metrics = CollectorRegistry()
     app.state.metrics.register(ServiceCollector(context))
     problems.install(app)
     app.add_middleware(BodyLimit, upload_limit=settings.max_upload_bytes)
+    app.add_middleware(AuthBeforeBody, tenant_of=context.tenant_of)
     app.add_middleware(RequestMetrics, registry=app.state.metrics)
     for router in (files, base_models, recommenders, jobs):
         app.include_router(router, responses=problems.RESPONSES)

@@ -64,18 +64,30 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; postgresql:// URLs use psycopg 3, SQLite folders are created."""
+def make_engine(
+    url: str, pool_size: int = 5, max_overflow: int = 10, pool_timeout: float = 30.0
+) -> Engine:
+    """An engine for `url`; postgresql:// URLs use psycopg 3, SQLite folders are created.
+
+    The API passes a pool sized above the requests it admits and no overflow, so an
+    admitted request always finds a connection (an overflow would only hide a wrong size).
+    """
+    pool = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_timeout": pool_timeout}
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     if url.startswith("sqlite"):
         database = url.split("///", 1)[-1]
-        if database and database != ":memory:":
+        memory = not database or database == ":memory:"
+        if not memory:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            **({} if memory else pool),
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

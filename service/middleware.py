@@ -1,10 +1,12 @@
-"""ASGI middleware: request body caps (before a body is spooled) and request metrics."""
+"""ASGI middleware: authentication and body caps before an upload is read, request metrics."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
+import anyio.to_thread
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,6 +53,40 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class AuthBeforeBody:
+    """Answer an upload with a missing or unknown key 401 before its body is read: FastAPI
+    reads (and spools) a whole multipart body before it runs the dependency that would
+    refuse the key, so an anonymous client could make the server take gigabytes."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        tenant_of: Callable[[str], str | None],
+        paths: tuple[str, ...] = ("/v1/files",),
+    ) -> None:
+        self.app, self.tenant_of, self.paths = app, tenant_of, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = header.partition(" ")
+        known = scheme.lower() == "bearer" and key.strip() != ""
+        if known:
+            known = await anyio.to_thread.run_sync(self.tenant_of, key.strip()) is not None
+        if not known:
+            problem = Problem(
+                401,
+                "unauthorized",
+                "missing, invalid or revoked API key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await _send_problem(problem, scope, send)
+            return
+        await self.app(scope, receive, send)
 
 
 async def _send_problem(problem: Problem, scope: Scope, send: Send) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
@@ -14,6 +15,7 @@ from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
 from service.problems import Problem
+from service.validation import ID_PATTERN
 
 ItemT = TypeVar("ItemT")
 
@@ -29,11 +31,16 @@ def encode_cursor(created_at: datetime, identifier: str) -> str:
 
 
 def _decode(cursor: str) -> tuple[datetime, str]:
+    """The cursor's (created_at, id), exactly as `encode_cursor` wrote them: an aware time
+    that converts to UTC and an id's characters, else 422 (never a query that fails)."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, identifier = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(created), str(identifier)
-    except (ValueError, TypeError):
+        moment = datetime.fromisoformat(created)
+        if moment.tzinfo is None or not re.match(ID_PATTERN, identifier):
+            raise ValueError
+        return moment.astimezone(UTC), identifier
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise Problem(422, "validation_error", "invalid cursor", field="cursor") from None
 
 

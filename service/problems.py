@@ -3,10 +3,11 @@
 Clients branch on `code`, never on `detail`. Input errors add where they are: `file`
 (the uploaded file's name), `file_id`, `line` and `field`. Server paths never appear.
 
-Codes: unauthorized, not_found, method_not_allowed, validation_error, payload_too_large,
-invalid_data, invalid_archive, unsafe_archive, unsafe_weights, invalid_adapter,
-invalid_base_model, adapter_mismatch, invalid_bias, wrong_purpose, version_not_ready,
-idempotency_conflict, job_finished, report_unavailable, not_ready, internal_error.
+Codes: invalid_json, unauthorized, not_found, method_not_allowed, validation_error,
+payload_too_large, invalid_data, invalid_archive, unsafe_archive, unsafe_weights,
+invalid_adapter, invalid_base_model, adapter_mismatch, invalid_bias, wrong_purpose,
+version_not_ready, idempotency_conflict, job_finished, report_unavailable,
+range_not_satisfiable, quota_exceeded, in_use, overloaded, not_ready, internal_error.
 """
 
 from __future__ import annotations
@@ -52,11 +53,14 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {MEDIA_TYPE: {"schema": ProblemOut.model_json_schema()}},
     }
     for status, description in (
+        (400, "the request body is not JSON the server can read"),
         (401, "missing, unknown or revoked API key"),
         (404, "no such object for this tenant"),
         (409, "the object is not in a state that allows this"),
         (413, "the request body is too large"),
         (422, "the request or its data is invalid"),
+        (429, "a quota of the tenant is reached"),
+        (503, "the server is busy; retry after `Retry-After` seconds"),
     )
 }
 
@@ -128,6 +132,14 @@ def install(app: FastAPI) -> None:
         return problem_response(problem, request)
 
     async def on_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        malformed = [e for e in error.errors() if e.get("type") == "json_invalid"]
+        if malformed:
+            where = malformed[0]["loc"][-1]
+            reason = malformed[0].get("ctx", {}).get("error", "malformed")
+            problem = Problem(
+                400, "invalid_json", f"the request body is not valid JSON ({reason} at {where})"
+            )
+            return problem_response(problem, request)
         errors = [
             {"field": ".".join(str(p) for p in e["loc"][1:]) or None, "reason": e["msg"]}
             for e in error.errors()
@@ -144,6 +156,14 @@ def install(app: FastAPI) -> None:
         return problem_response(problem, request)
 
     async def on_http(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 400:  # FastAPI could not parse the body at all
+            problem = Problem(
+                400,
+                "invalid_json",
+                "the request body is not JSON the server can read (malformed, nested too "
+                "deeply or a number with too many digits)",
+            )
+            return problem_response(problem, request)
         codes = {
             401: "unauthorized",
             404: "not_found",

@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fudlr.paths import model_store
+
 
 def _default_data_dir() -> Path:
     """`$XDG_DATA_HOME/fudlr` (else ~/.local/share/fudlr): service state is not a cache."""
@@ -26,7 +28,8 @@ class Settings(BaseSettings):
     data_dir: root of the embedded defaults. database_url: SQLAlchemy URL (sqlite:///...,
     postgresql://...). broker_url: Celery broker (redis://..., filesystem://).
     artifact_dir: adapters, data files, indexes (shared by the API and every worker).
-    model_roots: if set, base models may only be registered below these directories.
+    model_roots: base models may only be registered below these directories (default: the
+    data directory's `models/` folder and the method's model store, FUDLR_MODEL_STORE).
     lease_seconds: a running task's lease; a worker renews it every heartbeat_seconds, and
     the reaper requeues (or fails, after max_attempts) work whose lease expired.
     visibility_timeout_seconds: Redis redelivers an unacknowledged task after this long;
@@ -41,9 +44,41 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = None
     model_roots: list[Path] = Field(default_factory=list)
 
-    max_upload_bytes: int = Field(2 << 30, gt=0)
-    max_extracted_bytes: int = Field(4 << 30, gt=0)
-    max_archive_members: int = Field(64, gt=0)
+    max_upload_bytes: int = Field(1 << 30, gt=0, description="largest file a client may upload")
+    max_extracted_bytes: int = Field(
+        1 << 30,
+        gt=0,
+        description="largest size an adapter archive may unpack to, every entry counted "
+        "(a LoRA adapter's weights are well below it)",
+    )
+    max_archive_members: int = Field(
+        64, gt=0, description="most entries an adapter archive may hold"
+    )
+    max_line_bytes: int = Field(
+        1 << 20, gt=0, description="longest line a JSON Lines data file may have"
+    )
+
+    db_pool_size: int = Field(
+        24,
+        ge=2,
+        description="database connections each API process keeps open; requests in flight "
+        "are capped below it, so a request never waits for a connection",
+    )
+    db_pool_timeout_seconds: float = Field(
+        10.0, gt=0, description="longest wait for a pooled connection before an error"
+    )
+    max_concurrent_requests: int = Field(
+        16,
+        ge=1,
+        description="API requests handled at once; more wait their turn in the event loop, "
+        "holding no thread and no connection (at most db_pool_size - 4: the rest is kept "
+        "for probes, metrics, the reaper and task sends)",
+    )
+    request_queue_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="a request that waited this long for its turn answers 503 (Retry-After)",
+    )
 
     queue: str = "gpu"
     device: str = "auto"
@@ -61,9 +96,23 @@ class Settings(BaseSettings):
             raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
         return self
 
+    @model_validator(mode="after")
+    def _requests_within_pool(self) -> Settings:
+        """Every admitted request must find a connection, or threads wait on the pool."""
+        if self.max_concurrent_requests > self.db_pool_size - 4:
+            raise ValueError("max_concurrent_requests must be at most db_pool_size - 4")
+        return self
+
     @cached_property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'fudlr.db'}"
+
+    @cached_property
+    def roots(self) -> list[Path]:
+        """Where base models may be registered from: `model_roots`, else the defaults."""
+        if self.model_roots:
+            return list(self.model_roots)
+        return [self.data_dir / "models", model_store()]
 
     @cached_property
     def broker(self) -> str:

@@ -4,7 +4,8 @@
     tenants/<tenant>/adapters/<digest>/      unpacked PEFT directories, by archive digest
     tenants/<tenant>/bundles/<digest>/       checked data bundles assembled from blobs (links)
     tenants/<tenant>/indexes/<version id>/   training-set index of one version
-    tenants/<tenant>/work/<id>/              a task's scratch space
+    tenants/<tenant>/work/<id>-<attempt>/    a task's scratch space (removed by the next
+                                             attempt, or by the reaper when it gives up)
     tenants/<tenant>/tmp/                    staging: everything is written here, then renamed
 
 Content-addressed entries never change once renamed into place, so readers need no lock.
@@ -61,6 +62,17 @@ class TenantStore:
 
     def work(self, name: str) -> Path:
         return self.root / "work" / _checked(name, _SAFE_ID)
+
+    def clear_scratch(self, subject_id: str) -> list[Path]:
+        """Remove what attempts at a task left behind (a killed worker cleans nothing):
+        `work/<id>-<attempt>` folders and an index's unfinished `<id>.partial`."""
+        subject = _checked(subject_id, _SAFE_ID)
+        leftovers = [*(self.root / "work").glob(f"{subject}-*")]
+        leftovers += [self.root / "indexes" / f"{subject}.partial"]
+        removed = [path for path in leftovers if path.exists()]
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed
 
     @contextmanager
     def staging(self) -> Iterator[Path]:

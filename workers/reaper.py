@@ -3,7 +3,9 @@
 Run periodically by the API process (any number of reapers may run: every change is a
 conditional UPDATE on the lease it saw). An expired lease is requeued until the row has
 used `max_attempts` claims, then the work fails with that reason; a job whose
-cancellation was requested ends `cancelled` instead.
+cancellation was requested ends `cancelled` instead. Work that ends here leaves no scratch
+behind: the reaper removes what its lost attempts wrote (a requeued attempt removes its
+predecessors' itself).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from service.db import Leased, transaction, utcnow
 from service.jobs.models import Job
 from service.recommenders.models import Version
 from service.settings import Settings
+from service.storage import Storage
 from workers.leases import add_event
 from workers.queue import TaskQueue
 
@@ -30,7 +33,7 @@ def reap(sessions: sessionmaker[Session], settings: Settings, queue: TaskQueue) 
     """One pass; returns the ids it requeued or resent (for logs and tests)."""
     resend: list[tuple[type[Leased], str]] = []
     for model in MODELS:
-        resend += [(model, i) for i in _expire(sessions, model, settings.max_attempts)]
+        resend += [(model, i) for i in _expire(sessions, model, settings)]
         resend += [(model, i) for i in _unsent(sessions, model)]
     unique = list(dict.fromkeys(resend))  # a requeued row is also unsent: send it once
     for model, subject_id in unique:
@@ -38,11 +41,11 @@ def reap(sessions: sessionmaker[Session], settings: Settings, queue: TaskQueue) 
     return [subject_id for _, subject_id in unique]
 
 
-def _expire(sessions: sessionmaker[Session], model: type[Leased], max_attempts: int) -> list[str]:
-    now = utcnow()
+def _expire(sessions: sessionmaker[Session], model: type[Leased], settings: Settings) -> list[str]:
+    now, max_attempts = utcnow(), settings.max_attempts
     with sessions() as session:
         expired = session.execute(
-            select(model.id, model.state, model.lease_owner, model.attempts).where(
+            select(model.id, model.tenant_id, model.state, model.lease_owner, model.attempts).where(
                 model.lease_owner.is_not(None), model.lease_expires_at < now
             )
         ).all()
@@ -81,6 +84,8 @@ def _expire(sessions: sessionmaker[Session], model: type[Leased], max_attempts: 
         log.warning("%s %s: %s", model.__tablename__, row.id, message)
         if values["state"] == model.PENDING:
             requeued.append(row.id)
+        else:
+            Storage(settings.artifacts).tenant(row.tenant_id).clear_scratch(row.id)
     return requeued
 
 

@@ -7,6 +7,7 @@ written once the lease is lost. The method (torch, CUDA) is imported inside the 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -120,13 +121,19 @@ class Runtime:
             recommender = session.get_one(Recommender, version.recommender_id)
             base_dir = self._base_model(session, recommender.base_model_id)
         store = self.storage.tenant(version.tenant_id)
+        config = IndexConfig(**recommender.index_options)
+        adapter = store.adapter(version.digest)
+        if _built(store.index(version.id), base_dir, adapter, config):
+            # an earlier attempt finished the index but was lost before it said so
+            self._end(lease, "ready", "ready: the index an earlier attempt built", stage=None)
+            return
         bundle = Bundle.load(store.bundle(recommender.bundle_digest), splits=("train",))
         build_index(
             base_dir,
-            store.adapter(version.digest),
+            adapter,
             bundle,
             store.index(version.id),
-            IndexConfig(**recommender.index_options),
+            config,
             device=self.settings.device,
             control=lease.control(),
         )
@@ -152,8 +159,8 @@ class Runtime:
             )
         store = self.storage.tenant(job.tenant_id)
         config = JobSpec.model_validate(job.spec).to_config()
+        store.clear_scratch(job.id)  # an earlier attempt's, if its worker was killed
         work = store.work(f"{job.id}-{lease.attempt}")
-        shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
             splits = tuple(split for split in SPLITS if split in recommender.data)
@@ -248,6 +255,26 @@ class Runtime:
             self._end(lease, "cancelled", "cancelled: the finished result was discarded")
             return None
         return version.id
+
+
+def _built(index: Path, base_dir: Path, adapter: Path, config: Any) -> bool:
+    """Whether `index` is complete (indexes are renamed into place whole) and was built from
+    this base model, adapter and configuration."""
+    from dataclasses import asdict
+
+    from fudlr.influence.index import FORMAT, MANIFEST, adapter_weights_digest
+    from fudlr.models.store import model_digest
+
+    try:
+        manifest = json.loads((index / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        manifest.get("format") == FORMAT
+        and manifest.get("config") == json.loads(json.dumps(asdict(config)))
+        and manifest.get("adapter_digest") == adapter_weights_digest(adapter)
+        and manifest.get("base_model_digest") == model_digest(base_dir)
+    )
 
 
 def _error(error: FudlrError) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -14,12 +14,17 @@ from fudlr.errors import InputError
 RowT = TypeVar("RowT", bound=BaseModel)
 
 
-def iter_rows(path: Path, schema: type[RowT]) -> Iterator[tuple[int, RowT]]:
-    """Yield (line number, validated row); blank lines are skipped, anything else must parse."""
+def iter_rows(
+    path: Path, schema: type[RowT], max_line_bytes: int | None = None
+) -> Iterator[tuple[int, RowT]]:
+    """Yield (line number, validated row); blank lines are skipped, anything else must parse.
+
+    `max_line_bytes` bounds what one line may hold (an untrusted file could otherwise be a
+    single line as large as itself, parsed in memory at several times its size)."""
     if not path.is_file():
         raise InputError("file not found", file=path)
-    with path.open("r", encoding="utf-8") as handle:
-        for line_number, text in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, text in enumerate(_lines(handle, max_line_bytes, path), start=1):
             if not text.strip():
                 continue
             try:
@@ -27,6 +32,12 @@ def iter_rows(path: Path, schema: type[RowT]) -> Iterator[tuple[int, RowT]]:
             except json.JSONDecodeError as error:
                 raise InputError(
                     f"not valid JSON ({error.msg})", file=path, line=line_number
+                ) from None
+            except (ValueError, RecursionError) as error:  # too deep, or too many digits
+                deep = isinstance(error, RecursionError)
+                reason = "nested too deeply" if deep else "a number with too many digits"
+                raise InputError(
+                    f"not valid JSON ({reason})", file=path, line=line_number
                 ) from None
             if not isinstance(raw, dict):
                 raise InputError("expected a JSON object", file=path, line=line_number)
@@ -36,6 +47,16 @@ def iter_rows(path: Path, schema: type[RowT]) -> Iterator[tuple[int, RowT]]:
                 first = error.errors()[0]
                 field = ".".join(str(part) for part in first["loc"]) or None
                 raise InputError(first["msg"], file=path, line=line_number, field=field) from None
+
+
+def _lines(handle: IO[bytes], limit: int | None, path: Path) -> Iterator[str]:
+    """The file's lines as text, refusing one longer than `limit` bytes before reading it all."""
+    number = 0
+    while raw := handle.readline(-1 if limit is None else limit + 1):
+        number += 1
+        if limit is not None and len(raw) > limit and not raw.endswith(b"\n"):
+            raise InputError(f"the line is longer than {limit} bytes", file=path, line=number)
+        yield raw.decode("utf-8")
 
 
 def dump_line(row: BaseModel | dict[str, Any]) -> str:

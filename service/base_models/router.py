@@ -13,6 +13,7 @@ from service.base_models.schemas import BaseModelCreate, BaseModelOut
 from service.base_models.service import register_base_model
 from service.context import ContextDep, SessionDep
 from service.pagination import Page, paginate
+from service.validation import Cursor, IdPath
 
 router = APIRouter(prefix="/v1/base-models", tags=["base models"])
 
@@ -29,7 +30,7 @@ def create_base_model(
 def list_base_models(
     session: SessionDep,
     tenant: TenantDep,
-    cursor: str | None = None,
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict:
     query = select(RegisteredModel).where(RegisteredModel.tenant_id == tenant)
@@ -38,5 +39,7 @@ def list_base_models(
 
 
 @router.get("/{base_model_id}", response_model=BaseModelOut)
-def get_base_model(session: SessionDep, tenant: TenantDep, base_model_id: str) -> RegisteredModel:
+def get_base_model(
+    session: SessionDep, tenant: TenantDep, base_model_id: IdPath
+) -> RegisteredModel:
     return owned(session, RegisteredModel, base_model_id, tenant, "base model")

@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from service.validation import RequestModel, Text
 
 
-class BaseModelCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=200)
-    path: str = Field(
+class BaseModelCreate(RequestModel):
+    name: Text = Field(min_length=1, max_length=200)
+    path: Text = Field(
         min_length=1,
         max_length=1024,
         description="absolute path of a Hugging Face model directory that workers can read",

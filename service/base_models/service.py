@@ -55,21 +55,39 @@ def register_base_model(
 
 
 def _allowed(settings: Settings, path: str) -> Path:
-    candidate = Path(path)
-    if not candidate.is_absolute():
+    """The model directory `path` names, if it lies within the server's model roots.
+
+    Anything else (outside the roots, missing, not a folder, a link loop, a name the file
+    system refuses) gets one identical answer: a client learns nothing about the server's
+    files outside the roots.
+    """
+    if not Path(path).is_absolute():
         raise Problem(422, "invalid_base_model", "the path must be absolute", field="path")
-    directory = candidate.resolve()
-    roots = [root.resolve() for root in settings.model_roots]
-    if roots and not any(directory.is_relative_to(root) for root in roots):
-        raise Problem(
-            422,
-            "invalid_base_model",
-            "the path is outside the directories this server serves models from",
-            field="path",
-        )
-    if not directory.is_dir():
-        raise Problem(422, "invalid_base_model", "no such directory", field="path")
+    refused = Problem(
+        422,
+        "invalid_base_model",
+        "not a model directory under this server's model roots",
+        field="path",
+    )
+    try:
+        directory = Path(path).resolve(strict=True)
+        inside = any(directory.is_relative_to(root) for root in _resolved(settings.roots))
+        if not inside or not directory.is_dir():
+            raise refused
+    except (OSError, RuntimeError, ValueError):  # missing, a loop, a name too long, a NUL
+        raise refused from None
     return directory
+
+
+def _resolved(roots: list[Path]) -> list[Path]:
+    """The roots as real paths (a root that does not exist yet serves nothing)."""
+    real = []
+    for root in roots:
+        try:
+            real.append(root.resolve(strict=True))
+        except (OSError, RuntimeError):
+            continue
+    return real
 
 
 def inspect_model(directory: Path) -> dict[str, Any]:

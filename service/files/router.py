@@ -14,6 +14,7 @@ from service.files.models import File
 from service.files.schemas import FileOut, Purpose
 from service.files.service import clean_filename, create_file
 from service.pagination import Page, paginate
+from service.validation import Cursor, IdPath
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -44,7 +45,7 @@ def list_files(
     session: SessionDep,
     tenant: TenantDep,
     purpose: Purpose | None = None,
-    cursor: str | None = None,
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict:
     query = select(File).where(File.tenant_id == tenant)
@@ -55,5 +56,5 @@ def list_files(
 
 
 @router.get("/{file_id}", response_model=FileOut)
-def get_file(session: SessionDep, tenant: TenantDep, file_id: str) -> File:
+def get_file(session: SessionDep, tenant: TenantDep, file_id: IdPath) -> File:
     return owned(session, File, file_id, tenant, "file")

@@ -1,23 +1,26 @@
 """Uploads: streamed to staging with a size cap, validated whole, only then stored and recorded.
 
-A data file must parse as the bundle's JSON Lines schema for its purpose (DESIGN.md §2);
-an adapter must be a safe archive of a LoRA PEFT directory with safetensors weights. A
-refused upload leaves nothing behind: staging is removed, no row is written.
+A data file must parse as the bundle's JSON Lines schema for its purpose, line by line
+(each line bounded in length); an adapter must be a safe archive of a LoRA PEFT directory
+with safetensors weights, of which only the config and the weights are kept. A refused
+upload leaves nothing behind: staging is removed, no row is written.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
 
 from fudlr.data.jsonl import iter_rows
 from fudlr.data.schema import ROW_SCHEMAS
 from fudlr.errors import InputError
-from fudlr.models.lora import ADAPTER_WEIGHTS, read_adapter_config
+from fudlr.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 from service.db import new_id
 from service.files.archives import Limits, pack, unpack
 from service.files.models import File
@@ -25,9 +28,11 @@ from service.files.tensors import read_header
 from service.problems import Problem, input_problem
 from service.settings import Settings
 from service.storage import TenantStore
+from service.validation import INT32_MAX
 
 ROW_KEYS = {"items": "item_id", "users": "user_id"}  # samples are keyed by sample_id
 _CHUNK = 1 << 20
+_MAX_CONFIG = 1 << 20  # an adapter_config.json is a few hundred bytes
 
 
 def clean_filename(name: str | None) -> str:
@@ -52,7 +57,7 @@ def create_file(
         if purpose == "adapter":
             details = _store_adapter(store, raw, staging, settings, filename)
         else:
-            details = {"rows": _check_rows(raw, purpose, filename)}
+            details = {"rows": _check_rows(raw, purpose, filename, settings.max_line_bytes)}
             store.put(raw, store.blob(sha256))
     record = File(
         id=new_id("file"),
@@ -82,12 +87,12 @@ def _receive(source: IO[bytes], target: Path, limit: int) -> tuple[str, int]:
     return hasher.hexdigest(), size
 
 
-def _check_rows(path: Path, purpose: str, filename: str) -> int:
+def _check_rows(path: Path, purpose: str, filename: str, max_line_bytes: int) -> int:
     """Every line against its schema, ids unique; the error names the line and the field."""
     key = ROW_KEYS.get(purpose, "sample_id")
     seen: set[str] = set()
     try:
-        for line, row in iter_rows(path, ROW_SCHEMAS[purpose]):
+        for line, row in iter_rows(path, ROW_SCHEMAS[purpose], max_line_bytes):
             value = getattr(row, key)
             if value in seen:
                 raise InputError(f"duplicate {key} '{value}'", file=path, line=line, field=key)
@@ -111,6 +116,7 @@ def _store_adapter(
     limits = Limits(settings.max_archive_members, settings.max_extracted_bytes)
     files = unpack(raw, folder, limits)
     try:
+        _check_config(folder / ADAPTER_CONFIG)
         config = read_adapter_config(folder)
         tensors = read_header(folder / ADAPTER_WEIGHTS)
         lora = [name for name in tensors if ".lora_A." in name or ".lora_B." in name]
@@ -132,3 +138,36 @@ def _store_adapter(
         "base_model_name_or_path": config.get("base_model_name_or_path"),
         "lora_tensors": len(lora),
     }
+
+
+class _AdapterConfig(BaseModel):
+    """The fields of `adapter_config.json` the service reads and shows, with their types."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    peft_type: str | None = None
+    r: int | None = Field(None, ge=1, le=INT32_MAX)
+    lora_alpha: int | float | None = None
+    target_modules: list[str] | str | None = None
+    base_model_name_or_path: str | None = None
+
+
+def _check_config(path: Path) -> None:
+    """The config must be a small JSON object whose fields have PEFT's types, before the
+    method reads it (it assumes as much)."""
+    if not path.is_file():
+        return  # read_adapter_config says what is missing
+    if path.stat().st_size > _MAX_CONFIG:
+        raise InputError(f"larger than {_MAX_CONFIG} bytes", file=path)
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):  # malformed, not UTF-8, too deep, too many digits
+        raise InputError("not valid JSON", file=path) from None
+    if not isinstance(data, dict):
+        raise InputError("expected a JSON object", file=path)
+    try:
+        _AdapterConfig.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        raise InputError(first["msg"], file=path, field=field) from None

@@ -10,6 +10,9 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -28,19 +31,32 @@ VERSION_STATES = ("indexing", "ready", "failed")
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
 
 
+# probes run their blocking checks on threads of their own (a few per event loop), so that
+# a thread pool busy with requests never delays them
+_PROBE_THREADS: RunVar[anyio.CapacityLimiter] = RunVar("fudlr_probe_threads")
+
+
+def _probe_threads() -> anyio.CapacityLimiter:
+    try:
+        return _PROBE_THREADS.get()
+    except LookupError:
+        _PROBE_THREADS.set(limiter := anyio.CapacityLimiter(4))
+        return limiter
+
+
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process answers."""
+async def healthz() -> dict[str, str]:
+    """The process answers (in the event loop: no thread, no connection needed)."""
     return {"status": "ok"}
 
 
 @router.get("/readyz")
-def readyz(context: ContextDep) -> dict[str, Any]:
+async def readyz(context: ContextDep) -> dict[str, Any]:
     """Ready when the database and the broker both answer; 503 with what failed otherwise."""
     checks = {}
     for name, check in (("database", _database(context)), ("broker", context.queue.ping)):
         try:
-            check()
+            await anyio.to_thread.run_sync(check, limiter=_probe_threads())
             checks[name] = "ok"
         except Exception as error:
             checks[name] = f"unreachable: {type(error).__name__}"

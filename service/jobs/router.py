@@ -14,6 +14,7 @@ from service.jobs.schemas import EventPage, JobCreate, JobOut, JobState
 from service.jobs.service import cancel_job, create_job, events_after, job_out
 from service.pagination import Page, paginate
 from service.problems import Problem
+from service.validation import INT64_MAX, Cursor, IdPath, IdQuery, Text
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -27,7 +28,7 @@ def submit_job(
     request: JobCreate,
     response: Response,
     idempotency_key: Annotated[
-        str | None,
+        Text | None,
         Header(max_length=255, description="same key + same body: the same job, not a new one"),
     ] = None,
 ) -> dict:
@@ -43,9 +44,9 @@ def submit_job(
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
-    recommender_id: str | None = None,
+    recommender_id: IdQuery = None,
     state: JobState | None = None,
-    cursor: str | None = None,
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict:
     query = select(Job).where(Job.tenant_id == tenant)
@@ -58,7 +59,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> dict:
+def get_job(session: SessionDep, tenant: TenantDep, job_id: IdPath) -> dict:
     return job_out(owned(session, Job, job_id, tenant, "job"))
 
 
@@ -66,8 +67,10 @@ def get_job(session: SessionDep, tenant: TenantDep, job_id: str) -> dict:
 def list_events(
     session: SessionDep,
     tenant: TenantDep,
-    job_id: str,
-    after: Annotated[int, Query(ge=0, description="only events with a larger id")] = 0,
+    job_id: IdPath,
+    after: Annotated[
+        int, Query(ge=0, le=INT64_MAX, description="only events with a larger id")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
     """Milestones, state changes and stage changes, oldest first."""
@@ -77,13 +80,13 @@ def list_events(
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
-def cancel(session: SessionDep, tenant: TenantDep, job_id: str) -> dict:
+def cancel(session: SessionDep, tenant: TenantDep, job_id: IdPath) -> dict:
     """Queued jobs end at once; running ones stop at their next batch (`cancelling`)."""
     return job_out(cancel_job(session, owned(session, Job, job_id, tenant, "job")))
 
 
 @router.get("/{job_id}/report", response_model=dict[str, Any])
-def get_report(session: SessionDep, tenant: TenantDep, job_id: str) -> dict[str, Any]:
+def get_report(session: SessionDep, tenant: TenantDep, job_id: IdPath) -> dict[str, Any]:
     """Selected training samples with their weights and scores, the guard's attempts,
     metrics before and after; also for a job whose repair the guard rejected (its
     `status` is then "rejected"), so the rejection can be diagnosed."""

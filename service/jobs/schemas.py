@@ -5,27 +5,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from fudlr.errors import InputError
 from fudlr.recommender.recommend import Decoding, RecommendConfig
 from fudlr.repair.config import STEP_SIZES, DebiasConfig, MaskConfig, check_distinct
 from fudlr.repair.spec import BiasSpec
+from service.validation import INT32_MAX, Id, RequestModel, Text
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Bias(_Request):
+class Bias(RequestModel):
     """One fairness target: item groups' share of recommendations vs of histories (MGU,
     DGU), or the NDCG gap between user groups; `weight` when a job targets several."""
 
     side: Literal["item", "user"]
-    attribute: str = Field(min_length=1, max_length=100, pattern=r"^[^:@*]+$")
-    metric: str = Field(description="MGU or DGU for items, NDCG for users")
+    attribute: Text = Field(min_length=1, max_length=100, pattern=r"^[^:@*]+$")
+    metric: Text = Field(max_length=16, description="MGU or DGU for items, NDCG for users")
     k: int = Field(ge=1, le=1000)
     weight: float = Field(1.0, gt=0)
 
@@ -46,7 +43,7 @@ class Bias(_Request):
         return BiasSpec(self.side, self.attribute, self.metric, self.k, self.weight)
 
 
-class Budget(_Request):
+class Budget(RequestModel):
     """max_fraction: most training samples unlearned. max_loss_increase: largest predicted
     relative validation-loss increase. max_ndcg_drop: largest relative NDCG drop the guard
     accepts before it refuses to publish. eligibility: "selection" (the selection must beat
@@ -69,7 +66,7 @@ class Budget(_Request):
     max_other_k_increase: float | None = Field(None, ge=0)
 
 
-class Options(_Request):
+class Options(RequestModel):
     """query_users / guard_users: validation users behind the influence queries and the
     guard; test_users: measured before/after (null = all, 0 = skip); step_sizes: ranked
     by the bias change on the query users, and the guard confirms the best `guard_tries`;
@@ -78,9 +75,9 @@ class Options(_Request):
     the same step from as many random samples, which the selection must beat ("require"),
     or only measured ("report", the report's `random_control`), or "off"."""
 
-    query_users: int = Field(128, ge=1)
-    guard_users: int = Field(256, ge=1)
-    test_users: int | None = Field(None, ge=0)
+    query_users: int = Field(128, ge=1, le=INT32_MAX)
+    guard_users: int = Field(256, ge=1, le=INT32_MAX)
+    test_users: int | None = Field(None, ge=0, le=INT32_MAX)
     pool_per_group: int = Field(4, ge=1, le=64)
     anchored_pools: bool = True
     temperature: float | None = Field(None, gt=0, le=10)
@@ -98,7 +95,7 @@ class Options(_Request):
     )
     guard_tries: int = Field(3, ge=1, le=16)
     random_control: Literal["off", "report", "require"] = "require"
-    seed: int = 0
+    seed: int = Field(0, ge=-INT32_MAX, le=INT32_MAX)
 
     @field_validator("step_sizes")
     @classmethod
@@ -108,7 +105,7 @@ class Options(_Request):
         return sizes
 
 
-class JobSpec(_Request):
+class JobSpec(RequestModel):
     """What the worker runs (stored on the job as submitted, defaults filled in)."""
 
     biases: list[Bias] = Field(min_length=1, max_length=8)
@@ -168,8 +165,8 @@ class JobSpec(_Request):
 
 
 class JobCreate(JobSpec):
-    recommender_id: str
-    version: int | None = Field(None, ge=1, description="default: the latest version")
+    recommender_id: Id
+    version: int | None = Field(None, ge=1, le=INT32_MAX, description="default: the latest version")
 
 
 class JobError(BaseModel):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from service.auth.service import StoreDep, TenantDep, owned
 from service.context import ContextDep, SessionDep
 from service.pagination import Page, paginate
+from service.problems import MEDIA_TYPE, Problem, ProblemOut
 from service.recommenders.models import Recommender, Version
 from service.recommenders.schemas import RecommenderCreate, RecommenderOut, VersionOut
 from service.recommenders.service import (
@@ -19,6 +22,7 @@ from service.recommenders.service import (
     version_of,
     version_out,
 )
+from service.validation import INT32_MAX, Cursor, IdPath, VersionNumber
 
 router = APIRouter(prefix="/v1/recommenders", tags=["recommenders"])
 
@@ -44,7 +48,7 @@ def register_recommender(
 def list_recommenders(
     session: SessionDep,
     tenant: TenantDep,
-    cursor: str | None = None,
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict:
     query = select(Recommender).where(Recommender.tenant_id == tenant)
@@ -53,7 +57,7 @@ def list_recommenders(
 
 
 @router.get("/{recommender_id}", response_model=RecommenderOut)
-def get_recommender(session: SessionDep, tenant: TenantDep, recommender_id: str) -> dict:
+def get_recommender(session: SessionDep, tenant: TenantDep, recommender_id: IdPath) -> dict:
     recommender = owned(session, Recommender, recommender_id, tenant, "recommender")
     return recommender_out(session, recommender)
 
@@ -62,8 +66,10 @@ def get_recommender(session: SessionDep, tenant: TenantDep, recommender_id: str)
 def list_versions(
     session: SessionDep,
     tenant: TenantDep,
-    recommender_id: str,
-    after: Annotated[int, Query(ge=0, description="list versions after this number")] = 0,
+    recommender_id: IdPath,
+    after: Annotated[
+        int, Query(ge=0, le=INT32_MAX, description="list versions after this number")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict:
     """Oldest first: each version names its parent and the job that made it."""
@@ -83,7 +89,9 @@ def list_versions(
 
 
 @router.get("/{recommender_id}/versions/{number}", response_model=VersionOut)
-def get_version(session: SessionDep, tenant: TenantDep, recommender_id: str, number: int) -> dict:
+def get_version(
+    session: SessionDep, tenant: TenantDep, recommender_id: IdPath, number: VersionNumber
+) -> dict:
     recommender = owned(session, Recommender, recommender_id, tenant, "recommender")
     return version_out(version_of(session, recommender, number))
 
@@ -93,16 +101,23 @@ def get_version(session: SessionDep, tenant: TenantDep, recommender_id: str, num
     response_class=FileResponse,
     responses={
         200: {"content": {"application/gzip": {}}, "description": "the PEFT directory"},
+        206: {"content": {"application/gzip": {}}, "description": "the requested byte ranges"},
         304: {"description": "If-None-Match matched the digest"},
+        416: {
+            "description": "the Range header is malformed or outside the file",
+            "content": {MEDIA_TYPE: {"schema": ProblemOut.model_json_schema()}},
+        },
     },
 )
 def download_adapter(
     session: SessionDep,
     tenant: TenantDep,
     store: StoreDep,
-    recommender_id: str,
-    number: int,
+    recommender_id: IdPath,
+    number: VersionNumber,
     if_none_match: Annotated[str | None, Header()] = None,
+    range_: Annotated[str | None, Header(alias="range", include_in_schema=False)] = None,
+    if_range: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     """The version's PEFT directory as a `.tar.gz`; the strong ETag is its sha256."""
     recommender = owned(session, Recommender, recommender_id, tenant, "recommender")
@@ -113,9 +128,32 @@ def download_adapter(
         tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
         if "*" in tags or etag in tags:
             return Response(status_code=304, headers=headers)
+    blob = store.blob(version.digest)
+    if range_ is not None and if_range in (None, etag):
+        _check_range(range_, blob.stat().st_size)
     return FileResponse(
-        store.blob(version.digest),
+        blob,
         media_type="application/gzip",
         filename=f"{recommender.name}-v{number}.tar.gz",
         headers=headers,
     )
+
+
+_RANGES = re.compile(r"^bytes=\s*\d{0,18}-\d{0,18}(\s*,\s*\d{0,18}-\d{0,18}){0,99}\s*$")
+
+
+def _check_range(header: str, size: int) -> None:
+    """A Range the file response would refuse, refused first as a problem (it would answer
+    plain text, and fail outright on numbers too long to convert)."""
+    unsatisfiable = Problem(
+        416,
+        "range_not_satisfiable",
+        f"the Range header is malformed or outside the file's {size} bytes",
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+    if not _RANGES.match(header):
+        raise unsatisfiable
+    try:
+        FileResponse._parse_range_header(header, size)
+    except (MalformedRangeHeader, RangeNotSatisfiable):
+        raise unsatisfiable from None

@@ -5,50 +5,45 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from fudlr.recommender.recommend import Decoding
 from service.jobs.schemas import JobError
+from service.validation import INT32_MAX, Id, RequestModel, Text
 
 State = Literal["indexing", "ready", "failed"]
 
 
-class DataFiles(BaseModel):
-    """File ids of the bundle (DESIGN.md §2), each uploaded with the matching purpose."""
+class DataFiles(RequestModel):
+    """File ids of the bundle, each uploaded with the matching purpose."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    train: str
-    valid: str
-    items: str
-    users: str
-    test: str | None = None
+    train: Id
+    valid: Id
+    items: Id
+    users: Id
+    test: Id | None = None
 
 
-class IndexOptions(BaseModel):
+class IndexOptions(RequestModel):
     """How the training-set index is built (unset: the method's defaults). kind: ekfac or
     kfac; curvature_samples: fit on a subset (null: all samples); gradient_cache: keep every
     sample's gradient so that jobs need no pass over the training set."""
 
-    model_config = ConfigDict(extra="forbid")
-
     kind: Literal["ekfac", "kfac"] | None = None
     fisher: Literal["true", "empirical"] | None = None
     damping_factor: float | None = Field(None, gt=0)
-    curvature_samples: int | None = Field(None, ge=1)
+    curvature_samples: int | None = Field(None, ge=1, le=INT32_MAX)
     gradient_cache: bool | None = None
     batch_size: int | None = Field(None, ge=1, le=256)
     max_length: int | None = Field(None, ge=16, le=8192)
     precision: Literal["fp32", "bf16"] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT32_MAX, le=INT32_MAX)
 
 
-class RecommenderCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=200)
-    base_model_id: str
-    adapter_file_id: str
+class RecommenderCreate(RequestModel):
+    name: Text = Field(min_length=1, max_length=200)
+    base_model_id: Id
+    adapter_file_id: Id
     data: DataFiles
     index: IndexOptions = Field(default_factory=IndexOptions)
     decoding: Decoding = Field(

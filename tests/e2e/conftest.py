@@ -3,6 +3,7 @@ cluster of real processes: `fudlr serve` and `fudlr worker` over PostgreSQL and 
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import sys
@@ -89,8 +90,11 @@ def fudlr(env: dict[str, str], *args: str, timeout: float = 300) -> str:
 
 def start_cluster(settings: dict, root: Path, serve_args: tuple[str, ...]) -> Cluster:
     port = free_port()
+    # base models come from the session's temporary folder (the tiny model lives there)
+    roots = json.dumps([str(root.parent)])
     env = service_env(
-        {**settings, "data_dir": root / "data", "device": "cpu"}, root / "method-cache"
+        {**settings, "data_dir": root / "data", "device": "cpu", "model_roots": roots},
+        root / "method-cache",
     )
     env["FUDLR_URL"] = f"http://127.0.0.1:{port}"
     api = FudlrProcess(

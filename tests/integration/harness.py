@@ -47,12 +47,11 @@ def wait_for(
 
 
 @contextmanager
-def throwaway_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test session, dropped afterwards; skips the test
-    when the server is unreachable (CI always has it)."""
+def throwaway_database(admin: str = PG_ADMIN_URL) -> Iterator[str]:
+    """A fresh PostgreSQL database on the server of `admin` for one test session (or one
+    benchmark), dropped afterwards; skips the test when the server is unreachable."""
     import psycopg
 
-    admin = PG_ADMIN_URL
     try:
         connection = psycopg.connect(admin, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as error:
@@ -139,6 +138,7 @@ class InProcessServer:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> InProcessServer:
+        self.app.openapi()  # built once, seconds on a busy machine: not in a test's timeout
         self.thread.start()
         wait_for(lambda: self.server.started, timeout=30, what="uvicorn to start")
         return self

@@ -28,6 +28,7 @@ from tests.integration.harness import InProcessServer, api_key
 
 LIMIT = 512 << 10  # uploads; the tiny bundle's biggest file is ~90 KiB
 UNPACKED = 1 << 20
+LINE = 64 << 10
 BIAS = {"side": "item", "attribute": "popularity_group", "metric": "MGU", "k": 5}
 
 
@@ -82,6 +83,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Api:
         data_dir=root,
         max_upload_bytes=LIMIT,
         max_extracted_bytes=UNPACKED,
+        max_line_bytes=LINE,
         model_roots=[tmp_path_factory.getbasetemp()],
         reaper_interval_seconds=3600,
     )
@@ -277,9 +279,9 @@ def _zip_with_link() -> bytes:
     return buffer.getvalue()
 
 
-def _zip(entries: dict[str, bytes]) -> bytes:
+def _zip(entries: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(buffer, "w", method) as archive:
         for name, data in entries.items():
             archive.writestr(name, data)
     return buffer.getvalue()
@@ -315,7 +317,10 @@ def _bad_archives(files: dict[str, bytes]) -> dict[str, tuple[bytes, str]]:
         "a device": (_tar(files, _link(tarfile.CHRTYPE, "tty", "")), "unsafe_archive"),
         "a zip symlink": (_zip_with_link(), "unsafe_archive"),
         "a zip '..' entry": (_zip({**files, "../../evil": b"x"}), "unsafe_archive"),
-        "nested folders": (_tar({**files, "sub/dir/x.json": b"{}"}), "invalid_archive"),
+        "an adapter file in a folder": (
+            _tar({**files, "sub/adapter_config.json": b"{}"}),
+            "invalid_archive",
+        ),
         "not an archive": (b"just some bytes, not a tarball", "invalid_archive"),
         "no adapter_config.json": (
             _tar({k: v for k, v in files.items() if k != "adapter_config.json"}),
@@ -337,7 +342,57 @@ def _bad_archives(files: dict[str, bytes]) -> dict[str, tuple[bytes, str]]:
             "invalid_adapter",
         ),
         "a zip bomb": (_tar({**files, "padding.txt": bytes(UNPACKED + 1)}), "payload_too_large"),
+        "a bomb in ignored junk": (
+            _tar({**files, "__MACOSX/._junk": bytes(UNPACKED + 1)}),
+            "payload_too_large",
+        ),
+        "a zip bomb in ignored junk": (
+            _zip({**files, "__MACOSX/._junk": bytes(UNPACKED + 1)}),
+            "payload_too_large",
+        ),
+        "a corrupt zip": (
+            _corrupt(_zip(files, zipfile.ZIP_STORED), b"peft_type"),
+            "invalid_archive",
+        ),
+        "a truncated zip": (_zip(files)[:-30], "invalid_archive"),
+        "an unsupported zip compression": (
+            _zip_method(_zip(files, zipfile.ZIP_STORED), 98),
+            "invalid_archive",
+        ),
+        "a member name longer than a file system allows": (
+            _tar({**files, "x" * 300 + ".json": b"{}"}),
+            "invalid_archive",
+        ),
+        "a config that is not an object": (
+            _tar({**files, "adapter_config.json": b"[1, 2]"}),
+            "invalid_adapter",
+        ),
+        "a deeply nested config": (
+            _tar({**files, "adapter_config.json": b"[" * 100_000 + b"]" * 100_000}),
+            "invalid_adapter",
+        ),
+        "a config with a rank of the wrong type": (
+            _tar({**files, "adapter_config.json": json.dumps({**lora, "r": {"a": 1}}).encode()}),
+            "invalid_adapter",
+        ),
     }
+
+
+def _corrupt(archive: bytes, inside: bytes) -> bytes:
+    """`archive` with one byte of a stored member changed (its CRC no longer matches)."""
+    at = archive.index(inside)
+    return archive[:at] + bytes([archive[at] ^ 0xFF]) + archive[at + 1 :]
+
+
+def _zip_method(archive: bytes, method: int) -> bytes:
+    """`archive` claiming compression `method` for every member (local and central headers)."""
+    data = bytearray(archive)
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = data.find(signature)
+        while at != -1:
+            data[at + offset : at + offset + 2] = method.to_bytes(2, "little")
+            at = data.find(signature, at + 4)
+    return bytes(data)
 
 
 def test_bad_adapter_archives_are_refused_and_nothing_is_stored(
@@ -350,6 +405,7 @@ def test_bad_adapter_archives_are_refused_and_nothing_is_stored(
         status = 413 if code == "payload_too_large" else 422
         body = problem(response, status, code)
         assert str(api.root) not in response.text, (case, body)
+        assert api.keys["a"] not in response.text and "ten_" not in response.text, (case, body)
         assert api.stored() == before, case
     body = problem(
         api.upload(_bad_archives(files)["not LoRA"][0], "adapter", "bad.tgz"),
@@ -357,6 +413,25 @@ def test_bad_adapter_archives_are_refused_and_nothing_is_stored(
         "invalid_adapter",
     )
     assert body["field"] == "peft_type" and body["file"] == "adapter_config.json"
+
+
+def test_only_the_adapter_is_kept_and_odd_harmless_names_are_skipped(
+    api: Api, registered: dict, tiny_adapter
+) -> None:
+    files = _adapter_files(tiny_adapter[0])
+    extras = {
+        "a:b.txt": b"x",
+        "README.md": b"# card",
+        "__MACOSX/._x": b"junk",
+        "notes\\a.txt": b"y",
+    }
+    upload = api.upload(_zip({**files, **extras}), "adapter", "odd.zip")
+    assert upload.status_code == 201, upload.text
+    details = upload.json()["details"]
+    assert details["files"] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert details["digest"] == registered["adapter"]["details"]["digest"]
+    _, paths = api.stored()
+    assert not [path for path in paths if path.endswith(("a:b.txt", "README.md"))], paths
 
 
 def _multipart(purpose: str, content: bytes) -> tuple[bytes, str]:
@@ -416,6 +491,15 @@ def test_an_upload_over_the_size_limit_is_refused(api: Api, registered: dict) ->
             "empty item id",
         ),
         ("valid", ["[1, 2]"], 1, None, "expected a JSON object"),
+        ("items", ['{"item_id": "1", "title": ' + "[" * 20_000], 1, None, "not valid JSON"),
+        (
+            "items",
+            ['{"item_id": "1", "title": "A", "n": 1' + "0" * 5000 + "}"],
+            1,
+            None,
+            "not valid JSON",
+        ),
+        ("items", ['{"item_id": "1", "title": "A"}', " " * (LINE + 1)], 2, None, "longer than"),
     ],
 )
 def test_malformed_json_lines_name_the_line_and_field(
@@ -548,8 +632,7 @@ def test_base_model_registration_refusals(api: Api, tiny_model: Path, tmp_path_f
         ({"path": str(pickled)}, "pickled weights are refused", None),
         ({"path": str(remote)}, "remote code", None),
         ({"path": "relative/dir"}, "absolute", "path"),
-        ({"path": "/usr/lib"}, "outside the directories", "path"),
-        ({"path": str(root / "missing")}, "no such directory", "path"),
+        ({"path": str(root / "missing")}, "under this server's model roots", "path"),
         ({"path": str(tiny_model), "sha256": "0" * 64}, "not the expected", "sha256"),
     ]
     for fields, reason, field in cases:
@@ -559,6 +642,22 @@ def test_base_model_registration_refusals(api: Api, tiny_model: Path, tmp_path_f
             "invalid_base_model",
         )
         assert reason in body["detail"] and body.get("field") == field, body
+    # outside the roots, every path gets the same answer: no oracle for the server's files
+    loop = root / "loop"
+    loop.symlink_to(loop)
+    outside = ["/etc", "/nonexistent", "/usr/lib", str(loop), str(root / ("x" * 300)), "/proc/1"]
+    answers = set()
+    for path in outside:
+        response = api.call("POST", "/v1/base-models", json={"name": "m", "path": path})
+        body = problem(response, 422, "invalid_base_model")
+        answers.add((body["detail"], body["field"]))
+    assert answers == {("not a model directory under this server's model roots", "path")}
+    body = problem(
+        api.call("POST", "/v1/base-models", json={"name": "m", "path": "/tmp/a\x00b"}),
+        422,
+        "validation_error",
+    )
+    assert body["field"] == "path" and "NUL" in body["detail"]
     good = api.ok("POST", "/v1/base-models", json={"name": "m", "path": str(tiny_model)})
     again = api.ok(
         "POST",

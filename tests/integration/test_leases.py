@@ -274,3 +274,28 @@ def test_migrations_match_the_models_and_go_down_and_up(world) -> None:
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     migrate(engine)
     assert {"jobs", "versions", "events", "api_keys"} <= set(inspect(engine).get_table_names())
+
+
+def test_lost_attempts_leave_no_scratch_behind(world) -> None:
+    """A killed attempt's `work/<job>-<attempt>` is removed by the next attempt, and by the
+    reaper once it gives the job up."""
+    from service.storage import Storage
+
+    settings, _, sessions, queue = world
+    job_id = _job(sessions)
+    tenant = _job_row(sessions, job_id).tenant_id
+    store = Storage(settings.artifacts).tenant(tenant)
+    lease = Lease.claim(sessions, Job, job_id, settings)
+    store.work(f"{job_id}-{lease.attempt}").mkdir(parents=True)
+    _expire(sessions, job_id)
+    assert reap(sessions, settings, queue) == [job_id]
+    assert store.work(f"{job_id}-1").is_dir()  # requeued: the next attempt clears it
+    lease = Lease.claim(sessions, Job, job_id, settings)
+    assert [path.name for path in store.clear_scratch(job_id)] == [f"{job_id}-1"]
+    store.work(f"{job_id}-{lease.attempt}").mkdir(parents=True)
+    other = store.work("job_other-1")
+    other.mkdir()
+    _expire(sessions, job_id)
+    assert reap(sessions, settings, queue) == []
+    assert _job_row(sessions, job_id).state == "failed"
+    assert not store.work(f"{job_id}-2").exists() and other.is_dir()
