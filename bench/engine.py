@@ -110,6 +110,15 @@ def training_recipes(
     return measured
 
 
+def write_results(results: dict, stem: str) -> Path:
+    """bench/results/<stem>-<date>-<commit>.json and <stem>-latest.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{stem}-{results['date']}-{results['commit']}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{stem}-latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke profile (minutes)")
@@ -235,12 +244,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def write_results(results: dict, stem: str) -> Path:
-    """bench/results/<stem>-<date>-<commit>.json and <stem>-latest.json."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{stem}-{results['date']}-{results['commit']}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{stem}-latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    return path
