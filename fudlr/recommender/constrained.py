@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fudlr.errors import InputError
+from fudlr.recommender.generate import PromptBeams
 
 if TYPE_CHECKING:
     import torch
@@ -158,7 +159,6 @@ class ConstrainedSearch:
         beam width is at least `top`. Scores are summed token log-probabilities (EOS
         included), divided by the token count under `length_normalization`.
         """
-        import torch
 
         batch, beams = input_ids.size(0), max(num_beams, top)
         excluded = excluded or [()] * batch
@@ -173,20 +173,8 @@ class ConstrainedSearch:
                     field="top",
                 )
 
-        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        output = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = output.past_key_values
-        cache.batch_repeat_interleave(beams)
-        logprobs = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
-        logprobs = logprobs.repeat_interleave(beams, dim=0)
-        attention_mask = attention_mask.repeat_interleave(beams, dim=0)
-        next_position = positions[:, -1:].repeat_interleave(beams, dim=0) + 1
+        prompts = PromptBeams(model, input_ids, attention_mask, beams)
+        logprobs = prompts.first_logprobs
 
         # per slot (row * beams + beam): its tree node (None = dead) and its score
         nodes: list[int | None] = [
@@ -230,20 +218,7 @@ class ConstrainedSearch:
             nodes, scores = new_nodes, new_scores
             if all(node is None for node in nodes):
                 break
-            index = torch.tensor(origins, device=input_ids.device)
-            cache.reorder_cache(index)
-            tokens = torch.tensor(step_tokens, device=input_ids.device).view(-1, 1)
-            attention_mask = torch.cat([attention_mask[index], torch.ones_like(tokens)], dim=1)
-            next_position = next_position[index]
-            output = model(
-                input_ids=tokens,
-                attention_mask=attention_mask,
-                position_ids=next_position,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            next_position = next_position + 1
-            logprobs = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
+            logprobs = prompts.step(origins, step_tokens)
         return [
             [(item, score) for score, item in sorted(row, key=lambda pair: -pair[0])[:top]]
             for row in finished

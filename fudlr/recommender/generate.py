@@ -35,6 +35,61 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return input_ids, attention_mask
 
 
+class PromptBeams:
+    """Left-padded prompts run once, their key/value cache copied to `beams` rows each; a
+    step reorders the rows to the surviving hypotheses and feeds one token per row. Both
+    beam searches (free text, and constrained to the catalog) decode through it."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        beams: int,
+    ) -> None:
+        self.model = model
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        output = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache = output.past_key_values
+        self.cache.batch_repeat_interleave(beams)
+        self.attention_mask = attention_mask.repeat_interleave(beams, dim=0)
+        self.next_position = positions[:, -1:].repeat_interleave(beams, dim=0) + 1
+        self.first_logprobs = _last_logprobs(output).repeat_interleave(beams, dim=0)
+
+    def step(self, origins: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """Row r continues row `origins[r]` with `tokens[r]`; the next token's log-probabilities."""
+        import torch
+
+        device = self.attention_mask.device
+        index = torch.tensor(origins, device=device)
+        self.cache.reorder_cache(index)
+        step_tokens = torch.tensor(tokens, device=device).view(-1, 1)
+        self.attention_mask = torch.cat(
+            [self.attention_mask[index], torch.ones_like(step_tokens)], dim=1
+        )
+        output = self.model(
+            input_ids=step_tokens,
+            attention_mask=self.attention_mask,
+            position_ids=self.next_position[index],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.next_position = self.next_position[index] + 1
+        return _last_logprobs(output)
+
+
+def _last_logprobs(output) -> torch.Tensor:
+    import torch
+
+    return torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
+
+
 def beam_search(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -56,20 +111,8 @@ def beam_search(
     import torch
 
     batch, beams = input_ids.size(0), num_beams
-    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    output = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = output.past_key_values
-    cache.batch_repeat_interleave(beams)
-    logprobs = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
-    logprobs = logprobs.repeat_interleave(beams, dim=0)
-    attention_mask = attention_mask.repeat_interleave(beams, dim=0)
-    next_position = positions[:, -1:].repeat_interleave(beams, dim=0) + 1
+    prompts = PromptBeams(model, input_ids, attention_mask, beams)
+    logprobs = prompts.first_logprobs
     vocab = logprobs.size(-1)
 
     scores = torch.full((batch, beams), _DEAD, device=input_ids.device)
@@ -108,24 +151,11 @@ def beam_search(
                 new_tokens.append(token)
         if all(len(row_ended) >= beams for row_ended in ended) or last_step:
             break
-        index = torch.tensor(new_rows, device=input_ids.device)
-        cache.reorder_cache(index)
         sequences = [
             [*sequences[source], token] for source, token in zip(new_rows, new_tokens, strict=True)
         ]
         scores = new_scores
-        step_tokens = torch.tensor(new_tokens, device=input_ids.device).view(-1, 1)
-        attention_mask = torch.cat([attention_mask[index], torch.ones_like(step_tokens)], dim=1)
-        next_position = next_position[index]
-        output = model(
-            input_ids=step_tokens,
-            attention_mask=attention_mask,
-            position_ids=next_position,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        next_position = next_position + 1
-        logprobs = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
+        logprobs = prompts.step(new_rows, new_tokens)
     ranked = [sorted(row_ended, key=lambda hypothesis: -hypothesis[0]) for row_ended in ended]
     return [[text for _, text in row_ranked[:returns]] for row_ranked in ranked]
 
