@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from bench.common import ROOT, machine, prepare_smollm2
 from fudlr.console import progress_bar
@@ -175,31 +174,6 @@ def plot_bias(metrics: dict[str, Any], path: Path) -> None:
     )
 
 
-def show(metrics: dict[str, Any]) -> None:
-    table = Table(title="reference recommender vs most-popular (history items excluded)")
-    for column in ("split", "system", "NDCG@10", "HR@10", "hits@10", "MGU@1", "MGU@5", "MGU@10"):
-        table.add_column(column, justify="right" if "@" in column else "left")
-    for split, measured in metrics["splits"].items():
-        for name, system in measured["systems"].items():
-            at = system["popularity"]["k"]
-            table.add_row(
-                f"{split} ({measured['users']})",
-                name,
-                f"{at['10']['NDCG']:.4f}",
-                f"{at['10']['HR']:.4f}",
-                str(system["hits"]["10"]),
-                *(f"{at[str(k)]['MGU']:.4f}" for k in KS),
-            )
-    console.print(table)
-    for split, measured in metrics["splits"].items():
-        for key in ("NDCG@10", "HR@10"):
-            d = measured["reference_minus_most_popular"][key]
-            console.print(
-                f"{split}: reference - most-popular {key} {d['mean']:+.4f} "
-                f"[{d['low']:+.4f}, {d['high']:+.4f}] (95%), P(not above) {d['p_not_above']:.3f}"
-            )
-
-
 def learning_curve(recipe: Recipe, latest: list[int], users: int | None) -> dict[str, Any]:
     """The recipe trained on each user's latest N windows for each N (adapters kept under
     the work folder and reused), measured on the validation users against most-popular."""
@@ -343,7 +317,7 @@ def main() -> None:
     args.out.with_suffix(".md").write_text(markdown(metrics))
     if "test" in metrics["splits"]:
         plot_bias(metrics, args.out.with_name("bias.png"))
-    show(metrics)
+    console.print(markdown(metrics))
 
 
 if __name__ == "__main__":
