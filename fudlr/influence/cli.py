@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fudlr.console import console, progress_bar
+from fudlr.influence.projection import DEFAULT_PROJECTION, DEFAULT_PROJECTION_DIM, Projection
 
 
 def index(
@@ -23,6 +24,16 @@ def index(
     gradient_cache: bool = typer.Option(
         True, help="Cache every sample's gradient (jobs then need no training-set pass)."
     ),
+    projection: Projection = typer.Option(
+        DEFAULT_PROJECTION,
+        help="What the cache keeps of each gradient: eigenbasis (PROJECTION_DIM coordinates "
+        "of the curvature's eigenbasis) or dense (every LoRA weight).",
+    ),
+    projection_dim: int = typer.Option(
+        DEFAULT_PROJECTION_DIM,
+        min=1,
+        help="Coordinates kept per sample by the eigenbasis projection.",
+    ),
     batch_size: int = typer.Option(8, min=1, help="Samples per forward/backward."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for the passes."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -38,6 +49,8 @@ def index(
         damping_factor=damping,
         curvature_samples=curvature_samples,
         gradient_cache=gradient_cache,
+        projection=projection,
+        projection_dim=projection_dim,
         batch_size=batch_size,
         precision=precision,
     )
@@ -50,7 +63,9 @@ def index(
         control = Control(progress=show, event=bar.console.print)
         manifest = build_index(base_model, adapter, data, out, config, device, control)
     seconds = ", ".join(f"{stage} {value:.1f}s" for stage, value in manifest["seconds"].items())
+    stored = manifest["projection"]
     console.print(
         f"index: {out}\nsamples: {manifest['samples']}  LoRA weights: {manifest['dim']:,}  "
-        f"time: {seconds}"
+        f"cached: {stored['kind']}, {stored['dim']:,} numbers "
+        f"({manifest['bytes_per_sample']:,} bytes) per sample  time: {seconds}"
     )

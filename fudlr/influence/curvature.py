@@ -40,13 +40,20 @@ class LayerCurvature:
     eigenvalues: torch.Tensor  # [out, in]
     damping: float
 
+    def rotate(self, grad: torch.Tensor) -> torch.Tensor:
+        """A gradient [..., out, in] in the eigenbasis, where the curvature is diagonal."""
+        return self.q_out.T @ grad.to(self.q_out.dtype) @ self.q_in
+
+    def inverse(self) -> torch.Tensor:
+        """The damped inverse's diagonal in the eigenbasis: 1 / (eigenvalues + damping)."""
+        return 1.0 / (self.eigenvalues + self.damping)
+
     def _apply(self, grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        rotated = self.q_out.T @ grad.to(self.q_out.dtype) @ self.q_in
-        return (self.q_out @ (rotated * scale) @ self.q_in.T).to(grad.dtype)
+        return (self.q_out @ (self.rotate(grad) * scale) @ self.q_in.T).to(grad.dtype)
 
     def precondition(self, grad: torch.Tensor) -> torch.Tensor:
         """(H + λI)⁻¹ grad for a gradient of shape [..., out, in]."""
-        return self._apply(grad, 1.0 / (self.eigenvalues + self.damping))
+        return self._apply(grad, self.inverse())
 
     def multiply(self, grad: torch.Tensor) -> torch.Tensor:
         """(H + λI) grad: the approximation itself, to check it against exact products."""

@@ -7,14 +7,13 @@ needs their weighted sum. So one pass (or one read of the cache) serves both.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fudlr.control import Control
-from fudlr.influence.layout import ParameterLayout
 from fudlr.influence.tracker import GradientTracker, LoraLinear
 from fudlr.recommender.encoding import EncodedSample, length_sorted_batches, per_sample_loss
 
@@ -25,7 +24,7 @@ LossGradientRows = Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]  # ...
 def compute_sample_gradients(
     model: torch.nn.Module,
     linears: list[LoraLinear],
-    layout: ParameterLayout,
+    to_rows: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     samples: Sequence[EncodedSample],
     *,
     batch_size: int,
@@ -34,7 +33,8 @@ def compute_sample_gradients(
     stage: str = "sample gradients",
     precision: str = "fp32",
 ) -> LossGradientRows:
-    """ℓ_i and ∇ℓ_i of every sample (mean completion NLL, true labels), a batch at a time."""
+    """ℓ_i and ∇ℓ_i of every sample (mean completion NLL, true labels), a batch at a time;
+    `to_rows` turns the per-layer gradients into rows (a layout's flatten, or a projection)."""
     from fudlr.models.device import autocast
 
     device = next(model.parameters()).device
@@ -48,7 +48,7 @@ def compute_sample_gradients(
             with autocast(device, precision):
                 losses = per_sample_loss(model, batch.to(device))
             losses.sum().backward()
-            rows = layout.flatten(tracker.per_sample_gradients()).cpu()
+            rows = to_rows(tracker.per_sample_gradients()).cpu()
             tracker.clear()
             yield indices, rows, losses.detach().cpu()
             control.step(stage, done, total)
@@ -72,6 +72,10 @@ class GradientCache:
         )
         scales_path = directory / self.SCALES
         self.scales = np.zeros(samples, dtype=np.float32) if mode == "w+" else np.load(scales_path)
+
+    @staticmethod
+    def bytes_per_row(dim: int) -> int:
+        return 2 * dim + 4  # float16 coordinates + a float32 scale
 
     @classmethod
     def create(cls, directory: Path, samples: int, dim: int) -> GradientCache:

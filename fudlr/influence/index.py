@@ -14,7 +14,10 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+
+import torch
 
 from fudlr.control import Control
 from fudlr.data.bundle import Bundle
@@ -23,12 +26,14 @@ from fudlr.data.schema import SampleRow
 from fudlr.errors import FudlrError, InputError
 from fudlr.hashing import file_sha256
 from fudlr.influence.curvature import FISHERS, KINDS, Curvature
+from fudlr.influence.eigenbasis import EigenProjection
 from fudlr.influence.gradients import GradientCache
 from fudlr.influence.layout import ParameterLayout
+from fudlr.influence.manifest import FORMAT, MANIFEST, READABLE_FORMATS, stored_projection
+from fudlr.influence.projection import DEFAULT_PROJECTION, DEFAULT_PROJECTION_DIM, Projection
 
-MANIFEST = "index.json"
 CURVATURE = "curvature.safetensors"
-FORMAT = 1
+PROJECTION = "projection.safetensors"
 
 
 @dataclass(frozen=True)
@@ -44,9 +49,13 @@ class IndexConfig:
     them at 10); it also keeps the Newton step inside the region where it is linear.
     curvature_samples:
     fit the curvature on a fixed-seed subset of this many samples (None = all).
-    gradient_cache: store every sample's gradient (fp16, ~2 bytes per LoRA weight per
-    sample) so that jobs need no pass over the training set. precision: fp32, or bf16
-    autocast for the passes (faster; gradients still accumulate in fp32).
+    gradient_cache: store every sample's gradient (fp16 + one scale per sample) so that
+    scoring needs no pass over the training set. projection: what of each gradient the
+    cache keeps: `eigenbasis` (the `projection_dim` eigen-coordinates of the curvature that
+    carry the most of an influence score; the Newton step then recomputes the selected
+    samples' full gradients) or `dense` (every LoRA weight; bytes grow with the adapter).
+    precision: fp32, or bf16 autocast for the passes (faster; gradients still accumulate
+    in fp32).
     """
 
     kind: str = "ekfac"
@@ -54,6 +63,8 @@ class IndexConfig:
     damping_factor: float = 10.0
     curvature_samples: int | None = 1000
     gradient_cache: bool = True
+    projection: Projection = DEFAULT_PROJECTION
+    projection_dim: int = DEFAULT_PROJECTION_DIM
     batch_size: int = 8
     max_length: int = 256
     precision: str = "fp32"
@@ -70,6 +81,12 @@ class IndexConfig:
             raise InputError(f"unknown fisher '{self.fisher}' (use {' or '.join(FISHERS)})")
         if not self.damping_factor > 0:
             raise InputError("damping_factor must be positive")
+        if self.projection not in tuple(Projection):
+            raise InputError(
+                f"unknown projection '{self.projection}' (use {' or '.join(Projection)})"
+            )
+        if self.projection_dim < 1:
+            raise InputError("projection_dim must be at least 1")
 
 
 def training_samples(bundle: Bundle, adapter_dir: Path) -> list[SampleRow]:
@@ -102,17 +119,35 @@ def samples_digest(samples: list[SampleRow]) -> str:
 
 @dataclass
 class TrainingIndex:
-    """A loaded index: its manifest, curvature, layout, and gradient cache if built."""
+    """A loaded index: its manifest, curvature, layout, gradient cache if built, and the
+    projection its cached rows are in (None: dense rows, or no cache)."""
 
     root: Path
     manifest: dict
     curvature: Curvature
     layout: ParameterLayout
     cache: GradientCache | None
+    projection: EigenProjection | None
 
     @property
     def samples(self) -> int:
         return self.manifest["samples"]
+
+    @property
+    def projection_kind(self) -> Projection:
+        return stored_projection(self.manifest)
+
+    def precondition(self, queries: torch.Tensor) -> torch.Tensor:
+        """H⁻¹ q for each query row ([k, dim]) in the coordinates of the cached rows, so
+        that a score is one dot product with a cached row."""
+        if self.projection is None:
+            return self.precondition_dense(queries)
+        return self.projection.precondition(self.curvature, self.layout.unflatten(queries.float()))
+
+    def precondition_dense(self, queries: torch.Tensor) -> torch.Tensor:
+        """H⁻¹ q for each query row ([k, dim]) over every LoRA weight."""
+        per_layer = self.layout.unflatten(queries.float())
+        return self.layout.flatten(self.curvature.precondition(per_layer))
 
     @property
     def sample_ids(self) -> list[str]:
@@ -131,8 +166,12 @@ class TrainingIndex:
         if not path.is_file():
             raise InputError("not a training-set index (index.json missing)", file=root)
         manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise InputError(f"index format {manifest.get('format')} is not {FORMAT}", file=path)
+        if manifest.get("format") not in READABLE_FORMATS:
+            raise InputError(
+                f"index format {manifest.get('format')} is not readable (rebuild it with "
+                "`fudlr index`)",
+                file=path,
+            )
         expected = {
             "base_model_digest": base_model_digest,
             "adapter_digest": adapter_digest,
@@ -150,10 +189,14 @@ class TrainingIndex:
             tuple(entry["name"] for entry in manifest["layout"]),
             tuple(tuple(entry["shape"]) for entry in manifest["layout"]),
         )
-        cache = None
+        cache = projection = None
         if manifest["gradient_cache"]:
-            cache = GradientCache(root, manifest["samples"], layout.dim)
-        return cls(root, manifest, Curvature.load(root / CURVATURE), layout, cache)
+            dim = layout.dim
+            if stored_projection(manifest) == Projection.EIGENBASIS:
+                projection = EigenProjection.load(root / PROJECTION, layout)
+                dim = projection.dim
+            cache = GradientCache(root, manifest["samples"], dim)
+        return cls(root, manifest, Curvature.load(root / CURVATURE), layout, cache, projection)
 
 
 def build_index(
@@ -214,14 +257,28 @@ def build_index(
         curvature.save(staging / CURVATURE)
         timings["curvature"] = time.perf_counter() - started
 
+        stored = {"kind": Projection.DENSE.value, "dim": layout.dim}
         if config.gradient_cache:
             started = time.perf_counter()
-            control.event(f"caching the gradients of {len(encoded)} training samples")
-            cache = GradientCache.create(staging, len(encoded), layout.dim)
+            to_rows = layout.flatten
+            if config.projection == Projection.EIGENBASIS:
+                projection = EigenProjection.fit(curvature, layout, config.projection_dim)
+                projection.save(staging / PROJECTION)
+                to_rows = partial(projection.project, curvature)
+                stored = {
+                    "kind": Projection.EIGENBASIS.value,
+                    "dim": projection.dim,
+                    "kept_share": projection.kept_share(curvature),
+                }
+            control.event(
+                f"caching the gradients of {len(encoded)} training samples "
+                f"({stored['kind']}, {stored['dim']:,} numbers each)"
+            )
+            cache = GradientCache.create(staging, len(encoded), stored["dim"])
             for indices, rows, _losses in compute_sample_gradients(
                 model,
                 linears,
-                layout,
+                to_rows,
                 encoded,
                 batch_size=config.batch_size,
                 pad_id=tokenizer.pad_token_id,
@@ -244,6 +301,10 @@ def build_index(
             "dim": layout.dim,
             "config": asdict(config),
             "gradient_cache": config.gradient_cache,
+            "projection": stored,
+            "bytes_per_sample": GradientCache.bytes_per_row(stored["dim"])
+            if config.gradient_cache
+            else 0,
             "seconds": timings,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

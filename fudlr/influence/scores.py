@@ -1,24 +1,15 @@
 """Influence scores: s_i^q = (1/n) ∇q · H⁻¹ ∇ℓ_i for every training sample i and query q.
 
-One preconditioned vector per query, then one dot product per sample (from the gradient
-cache, or a pass over the training set when the index has no cache).
+One preconditioned vector per query (`TrainingIndex.precondition`, in the coordinates of
+the cached rows), then one dot product per sample (from the gradient cache, or a pass
+over the training set when the index has no cache).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fudlr.influence.curvature import Curvature
 from fudlr.influence.gradients import GradientRows, dot_with_queries
-from fudlr.influence.layout import ParameterLayout
-
-
-def precondition_queries(
-    curvature: Curvature, layout: ParameterLayout, gradients: torch.Tensor
-) -> torch.Tensor:
-    """H⁻¹ ∇q for each row of `gradients` ([k, dim]) -> [k, dim]."""
-    per_layer = layout.unflatten(gradients.float())
-    return layout.flatten(curvature.precondition(per_layer))
 
 
 def influence_scores(

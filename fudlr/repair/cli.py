@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from fudlr.console import console, progress_bar
+from fudlr.influence.projection import Projection
 from fudlr.recommender.recommend import Decoding
 
 
@@ -70,6 +71,11 @@ def debias(
     ),
     num_beams: int = typer.Option(5, min=1, help="Beam width of the hard recommendations."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for generation."),
+    projection: Projection = typer.Option(
+        None,
+        help="The gradient projection the index must store (eigenbasis, dense); "
+        "default: whatever it stores.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Find the training samples behind a bias and unlearn them from the LoRA weights."""
@@ -100,6 +106,7 @@ def debias(
         random_control=random_control,
         max_other_k_increase=max_other_k_increase,
         temperature=temperature,
+        projection=projection,
         recommend=RecommendConfig(decoding=decoding, num_beams=num_beams, precision=precision),
     )
     data = Bundle.load(bundle)

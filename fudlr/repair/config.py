@@ -14,6 +14,7 @@ from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
 from fudlr.errors import InputError
 from fudlr.fairness.groups import Groups
+from fudlr.influence.projection import Projection
 from fudlr.recommender.recommend import Decoding, RecommendConfig, check_decodable
 from fudlr.repair.spec import BiasSpec
 
@@ -111,6 +112,8 @@ class DebiasConfig:
     (1, 5, 10) the guard accepts; None: measured and reported, not judged.
     accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
     test_users: test users measured before and after (None = all, 0 = skip the test split).
+    projection: the gradient projection the job expects its index to store (None: whatever
+    it stores); an index built with another one is refused, not silently used.
     """
 
     biases: tuple[BiasSpec, ...]
@@ -128,6 +131,7 @@ class DebiasConfig:
     max_other_k_increase: float | None = None
     accuracy_k: int | None = None
     test_users: int | None = None
+    projection: Projection | None = None
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     max_length: int = 256
     batch_size: int = 8
@@ -172,6 +176,16 @@ class DebiasConfig:
     @property
     def k_for_accuracy(self) -> int:
         return self.accuracy_k or max(bias.k for bias in self.biases)
+
+
+def check_projection(stored: Projection, asked: Projection | None) -> None:
+    """Refuse a job that expects its index to store another projection than it does."""
+    if asked is not None and asked != stored:
+        raise InputError(
+            f"the training-set index stores {stored} gradients but the job asks for {asked}; "
+            f"rebuild the index with projection {asked}, or leave the job's projection unset",
+            field="projection",
+        )
 
 
 def check_distinct(biases: Sequence[BiasSpec]) -> None:

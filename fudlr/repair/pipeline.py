@@ -24,7 +24,7 @@ from fudlr.errors import FudlrError, InputError
 from fudlr.fairness.metrics import group_shares
 from fudlr.fairness.surrogates import Quantities
 from fudlr.recommender.recommend import Decoding, Ranked
-from fudlr.repair.config import DebiasConfig, check_job, subset
+from fudlr.repair.config import DebiasConfig, check_job, check_projection, subset
 from fudlr.repair.guard import Measurement
 from fudlr.repair.mask import FairnessTarget, Selection, learn_mask
 from fudlr.repair.unlearn import WeightPatcher
@@ -87,6 +87,7 @@ class DebiasJob:
         self.linears = lora_linears(self.model)
         if tuple(linear.name for linear in self.linears) != self.index.layout.names:
             raise InputError("the index's LoRA layout differs from the adapter's", file=index_dir)
+        check_projection(self.index.projection_kind, config.projection)
         self.layout = self.index.layout
         valid = bundle.split("valid")
         self.query_rows = subset(valid, config.query_users, config.seed)
@@ -275,7 +276,7 @@ class DebiasJob:
         """[n, k]: every training sample's predicted effect on every quantity if removed; and
         [n, U]: its marginal effect on the fairness objective through each query user (None
         without per-user gradients), from the same pass over the training gradients."""
-        from fudlr.influence.scores import influence_scores, precondition_queries
+        from fudlr.influence.scores import influence_scores
         from fudlr.repair.mask import fairness_gradient
 
         count = len(quantities.names)
@@ -293,19 +294,24 @@ class DebiasJob:
         self.control.event(
             f"scoring {self.index.samples} training samples against {len(queries)} queries"
         )
-        preconditioned = precondition_queries(self.index.curvature, self.layout, queries)
-        scores = influence_scores(self._training_gradients(), preconditioned, self.index.samples)
+        if self.index.cache is not None:
+            rows, preconditioned = self.index.cache.read(), self.index.precondition(queries)
+        else:
+            rows = self._sample_gradients(range(self.index.samples))
+            preconditioned = self.index.precondition_dense(queries)
+        scores = influence_scores(rows, preconditioned, self.index.samples)
         self._lap("scores")
         return scores[:, :count], (scores[:, count:] if len(queries) > count else None)
 
-    def _training_gradients(self, chosen: list[int] | None = None):
-        """Rows of training-sample gradients: the cache, or a pass over (some of) the samples."""
+    def _sample_gradients(self, chosen: Sequence[int]):
+        """Full gradients of the chosen training samples, as rows: a dense cache's, or one
+        pass over those samples (no cache, or a projected one)."""
         from fudlr.influence.gradients import compute_sample_gradients
         from fudlr.recommender.encoding import encode_sample
 
-        if self.index.cache is not None:
+        if self.index.cache is not None and self.index.projection is None:
             return self.index.cache.read()
-        chosen = list(range(len(self.samples))) if chosen is None else chosen
+        chosen = list(chosen)
         encoded = [
             encode_sample(
                 self.tokenizer,
@@ -318,7 +324,7 @@ class DebiasJob:
         passes = compute_sample_gradients(
             self.model,
             self.linears,
-            self.layout,
+            self.layout.flatten,
             encoded,
             batch_size=self.config.batch_size,
             pad_id=self.tokenizer.pad_token_id,
@@ -386,7 +392,7 @@ class DebiasJob:
         from fudlr.influence.gradients import weighted_sum
         from fudlr.repair.unlearn import newton_step
 
-        total = weighted_sum(self._training_gradients(indices), weights.float())
+        total = weighted_sum(self._sample_gradients(indices), weights.float())
         return newton_step(total, self.index.curvature, self.layout, self.index.samples)
 
     def predicted_share_changes(

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from fudlr.errors import InputError
+from fudlr.influence.projection import Projection
 from fudlr.recommender.recommend import Decoding, RecommendConfig
 from fudlr.repair.config import STEP_SIZES, DebiasConfig, MaskConfig, check_distinct
 from fudlr.repair.spec import BiasSpec
@@ -88,6 +89,11 @@ class Options(RequestModel):
     )
     num_beams: int = Field(5, ge=1, le=16)
     precision: Literal["fp32", "bf16"] = "fp32"
+    projection: Projection | None = Field(
+        None,
+        description="the gradient projection the version's index must store (eigenbasis or "
+        "dense); null: whatever it stores. A mismatch is refused at submission.",
+    )
     step_sizes: list[float] = Field(
         default_factory=lambda: list(STEP_SIZES),
         min_length=1,
@@ -155,6 +161,7 @@ class JobSpec(RequestModel):
             step_sizes=tuple(options.step_sizes),
             guard_tries=options.guard_tries,
             random_control=options.random_control,
+            projection=options.projection,
             recommend=RecommendConfig(
                 decoding=options.decoding or Decoding.CONSTRAINED,
                 num_beams=options.num_beams,

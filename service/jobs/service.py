@@ -18,13 +18,15 @@ from sqlalchemy.orm import Session
 
 from fudlr.data.bundle import Bundle
 from fudlr.errors import InputError
+from fudlr.influence.manifest import MANIFEST, stored_projection
 from fudlr.recommender.recommend import Decoding, check_decodable
+from fudlr.repair.config import check_projection
 from service.auth.service import owned
 from service.db import new_id, utcnow
 from service.jobs.models import TERMINAL, Event, Job
 from service.jobs.schemas import JobCreate, JobSpec
 from service.problems import Problem
-from service.recommenders.models import Recommender
+from service.recommenders.models import Recommender, Version
 from service.recommenders.service import latest_number, version_of
 from service.storage import TenantStore
 from workers.leases import add_event
@@ -60,6 +62,7 @@ def create_job(
     if spec.options.decoding is None:
         spec.options.decoding = Decoding(recommender.decoding)
     _check_against_data(store, recommender, spec)
+    _check_against_index(store, version, spec)
 
     job = Job(
         id=new_id("job"),
@@ -94,6 +97,19 @@ def _by_key(session: Session, tenant: str, key: str, digest: str) -> Job | None:
             job_id=job.id,
         )
     return job
+
+
+def _check_against_index(store: TenantStore, version: Version, spec: JobSpec) -> None:
+    """A job that expects another projection than its version's index stores is refused
+    now, not by the worker after it queued."""
+    path = store.index(version.id) / MANIFEST
+    if spec.options.projection is None or not path.is_file():
+        return  # the worker checks the index it loads
+    manifest = json.loads(path.read_text())
+    try:
+        check_projection(stored_projection(manifest), spec.options.projection)
+    except InputError as error:
+        raise Problem(422, "index_mismatch", error.reason, field="options.projection") from None
 
 
 def _check_against_data(store: TenantStore, recommender: Recommender, spec: JobSpec) -> None:

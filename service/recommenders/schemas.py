@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from fudlr.influence.projection import Projection
 from fudlr.recommender.recommend import Decoding
 from service.jobs.schemas import JobError
 from service.validation import INT32_MAX, Id, RequestModel, Text
@@ -27,13 +28,17 @@ class DataFiles(RequestModel):
 class IndexOptions(RequestModel):
     """How the training-set index is built (unset: the method's defaults). kind: ekfac or
     kfac; curvature_samples: fit on a subset (null: all samples); gradient_cache: keep every
-    sample's gradient so that jobs need no pass over the training set."""
+    sample's gradient so that jobs need no pass over the training set; projection: what
+    the cache keeps of each gradient (eigenbasis: `projection_dim` coordinates of the
+    curvature's eigenbasis; dense: every LoRA weight)."""
 
     kind: Literal["ekfac", "kfac"] | None = None
     fisher: Literal["true", "empirical"] | None = None
     damping_factor: float | None = Field(None, gt=0)
     curvature_samples: int | None = Field(None, ge=1, le=INT32_MAX)
     gradient_cache: bool | None = None
+    projection: Projection | None = None
+    projection_dim: int | None = Field(None, ge=1, le=1 << 20)
     batch_size: int | None = Field(None, ge=1, le=256)
     max_length: int | None = Field(None, ge=16, le=8192)
     precision: Literal["fp32", "bf16"] | None = None

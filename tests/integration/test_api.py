@@ -767,6 +767,25 @@ def test_job_refusals(api: Api, registered: dict, ready: str) -> None:
         assert session.scalar(select(func.count()).select_from(Job)) == jobs
 
 
+def test_a_job_expecting_another_index_projection_is_refused(api: Api, ready: str) -> None:
+    with api.sessions()() as session:
+        version = session.scalar(select(Version).where(Version.recommender_id == ready))
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == "a"))
+    index = api.root / "artifacts" / "tenants" / tenant_id / "indexes" / version.id
+    index.mkdir(parents=True)
+    (index / "index.json").write_text(json.dumps({"projection": {"kind": "eigenbasis"}}))
+    body = {"recommender_id": ready, "biases": [BIAS]}
+    refused = problem(
+        api.call("POST", "/v1/jobs", json={**body, "options": {"projection": "dense"}}),
+        422,
+        "index_mismatch",
+    )
+    assert refused["field"] == "options.projection"
+    assert "stores eigenbasis gradients" in refused["detail"], refused
+    accepted = api.ok("POST", "/v1/jobs", json={**body, "options": {"projection": "eigenbasis"}})
+    assert accepted["spec"]["options"]["projection"] == "eigenbasis"
+
+
 def test_a_recommender_keeps_its_decoding_and_jobs_inherit_it(
     api: Api, registered: dict, tiny_bundle: Path, tmp_path: Path
 ) -> None:

@@ -3,7 +3,8 @@
 - per-sample gradients from the hooks equal autograd's, one sample at a time;
 - scores from the fp16 gradient cache equal the explicit dot products;
 - EK-FAC / K-FAC preconditioning against conjugate gradient on the exact damped
-  Gauss-Newton product (cosine similarity printed and bounded from below).
+  Gauss-Newton product (cosine similarity printed and bounded from below);
+- scores from the eigenbasis-projected cache against exact (dense) scores.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fudlr.influence.index import (
     training_samples,
 )
 from fudlr.influence.layout import ParameterLayout
+from fudlr.influence.projection import Projection
 from fudlr.influence.tracker import lora_linears
 from fudlr.models.lora import load_adapter
 from fudlr.models.store import load_base_model, model_digest
@@ -39,9 +41,18 @@ from fudlr.recommender.encoding import (
 @pytest.fixture(scope="module")
 def tiny_index(tmp_path_factory, tiny_model: Path, tiny_bundle: Path, tiny_adapter) -> Path:
     out = tmp_path_factory.mktemp("index") / "index"
-    config = IndexConfig(curvature_samples=None, batch_size=16)
+    config = IndexConfig(curvature_samples=None, batch_size=16, projection=Projection.DENSE)
     build_index(tiny_model, tiny_adapter[0], Bundle.load(tiny_bundle), out, config, "cpu")
     return out
+
+
+def _load_index(root: Path, tiny_model: Path, adapter: Path, samples) -> TrainingIndex:
+    return TrainingIndex.load(
+        root,
+        base_model_digest=model_digest(tiny_model),
+        adapter_digest=adapter_weights_digest(adapter),
+        train_digest=samples_digest(samples),
+    )
 
 
 def _loaded(tiny_model: Path, adapter: Path):
@@ -71,7 +82,7 @@ def test_hooked_per_sample_gradients_equal_autograd(
     for indices, rows, _ in compute_sample_gradients(
         model,
         linears,
-        layout,
+        layout.flatten,
         encoded,
         batch_size=4,
         pad_id=tokenizer.pad_token_id,
@@ -87,12 +98,7 @@ def test_cached_scores_equal_explicit_dot_products(
 ) -> None:
     bundle = Bundle.load(tiny_bundle)
     samples = training_samples(bundle, tiny_adapter[0])
-    index = TrainingIndex.load(
-        tiny_index,
-        base_model_digest=model_digest(tiny_model),
-        adapter_digest=adapter_weights_digest(tiny_adapter[0]),
-        train_digest=samples_digest(samples),
-    )
+    index = _load_index(tiny_index, tiny_model, tiny_adapter[0], samples)
     assert index.cache is not None and index.sample_ids == [s.sample_id for s in samples]
     model, tokenizer, _, layout = _loaded(tiny_model, tiny_adapter[0])
     explicit = torch.stack([_autograd_gradient(model, tokenizer, layout, s) for s in samples])
@@ -103,6 +109,69 @@ def test_cached_scores_equal_explicit_dot_products(
     assert torch.allclose(cached, expected, rtol=2e-2, atol=2e-3 * expected.abs().max())
     correlation = torch.corrcoef(torch.stack([cached.flatten(), expected.flatten()]))[0, 1]
     assert correlation > 0.9999
+
+
+def _validation_gradients(tiny_model: Path, adapter: Path, bundle: Bundle) -> torch.Tensor:
+    """Each validation user's loss gradient: queries shaped like a job's, not random."""
+    from fudlr.control import Control
+
+    model, tokenizer, linears, layout = _loaded(tiny_model, adapter)
+    rows = bundle.split("valid")
+    encoded = [encode_sample(tokenizer, r.prompt, r.completion, 256) for r in rows]
+    gradients = torch.zeros(len(rows), layout.dim)
+    for indices, block, _ in compute_sample_gradients(
+        model, linears, layout.flatten, encoded, batch_size=8, pad_id=0, control=Control()
+    ):
+        gradients[indices] = block
+    return gradients
+
+
+@pytest.mark.parametrize("dim", [512, 100_000])
+def test_projected_scores_track_exact_scores(
+    tmp_path: Path, tiny_model: Path, tiny_bundle: Path, tiny_adapter, tiny_index: Path, dim: int
+) -> None:
+    """The eigenbasis cache against the dense one (same curvature, same damping): with every
+    coordinate kept the scores are the same; with a seventh of them, they still correlate."""
+    bundle = Bundle.load(tiny_bundle)
+    samples = training_samples(bundle, tiny_adapter[0])
+    config = IndexConfig(curvature_samples=None, batch_size=16, projection_dim=dim)
+    manifest = build_index(tiny_model, tiny_adapter[0], bundle, tmp_path / "i", config, "cpu")
+    projected = _load_index(tmp_path / "i", tiny_model, tiny_adapter[0], samples)
+    dense = _load_index(tiny_index, tiny_model, tiny_adapter[0], samples)
+    assert projected.projection is not None and manifest["projection"]["kind"] == "eigenbasis"
+    kept = min(dim, dense.layout.dim)
+    assert projected.cache.dim == manifest["projection"]["dim"] == kept
+    assert manifest["bytes_per_sample"] == 2 * kept + 4
+    queries = _validation_gradients(tiny_model, tiny_adapter[0], bundle)
+    exact = dot_with_queries(dense.cache.read(), dense.precondition(queries).T, len(samples))
+    approximate = dot_with_queries(
+        projected.cache.read(), projected.precondition(queries).T, len(samples)
+    )
+    pearson = [
+        torch.corrcoef(torch.stack([exact[:, q], approximate[:, q]]))[0, 1].item()
+        for q in range(queries.size(0))
+    ]
+    share = manifest["projection"]["kept_share"]
+    print(
+        f"\n{kept} of {dense.layout.dim} coordinates (kept share {share:.3f}): "
+        f"Pearson min {min(pearson):.3f}, mean {sum(pearson) / len(pearson):.3f}"
+    )
+    if kept == dense.layout.dim:
+        assert share == pytest.approx(1.0)
+        assert min(pearson) > 0.999
+    else:
+        assert 0 < share < 1
+        assert sum(pearson) / len(pearson) >= 0.9
+
+
+def test_a_job_asking_for_another_projection_is_refused() -> None:
+    from fudlr.errors import InputError
+    from fudlr.repair.config import check_projection
+
+    check_projection(Projection.EIGENBASIS, None)
+    check_projection(Projection.DENSE, Projection.DENSE)
+    with pytest.raises(InputError, match="stores dense gradients but the job asks for eigenbasis"):
+        check_projection(Projection.DENSE, Projection.EIGENBASIS)
 
 
 def test_index_refuses_another_adapter(

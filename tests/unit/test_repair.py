@@ -19,7 +19,7 @@ from fudlr.fairness.metrics import group_shares
 from fudlr.fairness.surrogates import item_share_quantities, loss_quantities, sample_pools
 from fudlr.influence.index import IndexConfig, build_index
 from fudlr.influence.layout import ParameterLayout
-from fudlr.influence.scores import influence_scores, precondition_queries
+from fudlr.influence.scores import influence_scores
 from fudlr.influence.tracker import lora_linears
 from fudlr.models.lora import load_adapter
 from fudlr.models.store import load_base_model
@@ -192,7 +192,7 @@ def test_predicted_changes_track_retraining_without_the_removed_samples(
     rows = bundle.split("valid")
     pools = sample_pools(rows, groups, per_stratum=6, seed=0)  # every item of the tiny catalog
     at_full = _share_values(tiny_model, full, bundle, rows, pools, groups)
-    preconditioned = precondition_queries(index.curvature, index.layout, at_full.gradients)
+    preconditioned = index.precondition(at_full.gradients)
     scores = influence_scores(index.cache.read(), preconditioned, index.samples)
 
     generator = torch.Generator().manual_seed(0)
