@@ -139,15 +139,12 @@ class TrainingIndex:
 
     def precondition(self, queries: torch.Tensor) -> torch.Tensor:
         """H⁻¹ q for each query row ([k, dim]) in the coordinates of the cached rows, so
-        that a score is one dot product with a cached row."""
-        if self.projection is None:
-            return self.precondition_dense(queries)
-        return self.projection.precondition(self.curvature, self.layout.unflatten(queries.float()))
-
-    def precondition_dense(self, queries: torch.Tensor) -> torch.Tensor:
-        """H⁻¹ q for each query row ([k, dim]) over every LoRA weight."""
+        that a score is one dot product with a cached row (every LoRA weight without a
+        projected cache)."""
         per_layer = self.layout.unflatten(queries.float())
-        return self.layout.flatten(self.curvature.precondition(per_layer))
+        if self.projection is None:
+            return self.layout.flatten(self.curvature.precondition(per_layer))
+        return self.projection.precondition(self.curvature, per_layer)
 
     @property
     def sample_ids(self) -> list[str]:

@@ -295,11 +295,10 @@ class DebiasJob:
             f"scoring {self.index.samples} training samples against {len(queries)} queries"
         )
         if self.index.cache is not None:
-            rows, preconditioned = self.index.cache.read(), self.index.precondition(queries)
+            rows = self.index.cache.read()
         else:
             rows = self._sample_gradients(range(self.index.samples))
-            preconditioned = self.index.precondition_dense(queries)
-        scores = influence_scores(rows, preconditioned, self.index.samples)
+        scores = influence_scores(rows, self.index.precondition(queries), self.index.samples)
         self._lap("scores")
         return scores[:, :count], (scores[:, count:] if len(queries) > count else None)
 
