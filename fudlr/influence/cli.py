@@ -21,6 +21,12 @@ def index(
     curvature_samples: int = typer.Option(
         1000, min=1, help="Fit the curvature on a fixed-seed subset of this many samples."
     ),
+    candidates: int | None = typer.Option(
+        None,
+        min=1,
+        help="Index a fixed-seed subset of this many training samples as the only removal "
+        "candidates (default: all).",
+    ),
     gradient_cache: bool = typer.Option(
         True, help="Cache every sample's gradient (jobs then need no training-set pass)."
     ),
@@ -48,6 +54,7 @@ def index(
         fisher=fisher,
         damping_factor=damping,
         curvature_samples=curvature_samples,
+        candidates=candidates,
         gradient_cache=gradient_cache,
         projection=projection,
         projection_dim=projection_dim,
@@ -64,8 +71,10 @@ def index(
         manifest = build_index(base_model, adapter, data, out, config, device, control)
     seconds = ", ".join(f"{stage} {value:.1f}s" for stage, value in manifest["seconds"].items())
     stored = manifest["projection"]
+    indexed = len(manifest["candidates"] or range(manifest["samples"]))
     console.print(
-        f"index: {out}\nsamples: {manifest['samples']}  LoRA weights: {manifest['dim']:,}  "
+        f"index: {out}\nsamples: {manifest['samples']} (indexed: {indexed})  "
+        f"LoRA weights: {manifest['dim']:,}  "
         f"cached: {stored['kind']}, {stored['dim']:,} numbers "
         f"({manifest['bytes_per_sample']:,} bytes) per sample  time: {seconds}"
     )

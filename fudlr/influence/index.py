@@ -49,6 +49,11 @@ class IndexConfig:
     them at 10); it also keeps the Newton step inside the region where it is linear.
     curvature_samples:
     fit the curvature on a fixed-seed subset of this many samples (None = all).
+    candidates: index a fixed-seed subset of this many training samples (None = all): a
+    job then scores and selects among them only, while its Newton step still weighs each
+    removal as 1/n of the whole training set. For training sets too large to pass over
+    once per version: the candidates are a uniform sample, so what the selection finds
+    among them is what it would find in a training set of their size.
     gradient_cache: store every sample's gradient (fp16 + one scale per sample) so that
     scoring needs no pass over the training set. projection: what of each gradient the
     cache keeps: `eigenbasis` (the `projection_dim` eigen-coordinates of the curvature that
@@ -62,6 +67,7 @@ class IndexConfig:
     fisher: str = "true"
     damping_factor: float = 10.0
     curvature_samples: int | None = 1000
+    candidates: int | None = None
     gradient_cache: bool = True
     projection: Projection = DEFAULT_PROJECTION
     projection_dim: int = DEFAULT_PROJECTION_DIM
@@ -87,6 +93,8 @@ class IndexConfig:
             )
         if self.projection_dim < 1:
             raise InputError("projection_dim must be at least 1")
+        if self.candidates is not None and self.candidates < 1:
+            raise InputError("candidates must be at least 1")
 
 
 def training_samples(bundle: Bundle, adapter_dir: Path) -> list[SampleRow]:
@@ -131,7 +139,13 @@ class TrainingIndex:
 
     @property
     def samples(self) -> int:
+        """n: the size of the whole training set (a removal weighs 1/n)."""
         return self.manifest["samples"]
+
+    @property
+    def candidates(self) -> list[int]:
+        """Positions in the training set of the indexed samples, in the cache's row order."""
+        return self.manifest.get("candidates") or list(range(self.samples))
 
     @property
     def projection_kind(self) -> Projection:
@@ -192,7 +206,8 @@ class TrainingIndex:
             if stored_projection(manifest) == Projection.EIGENBASIS:
                 projection = EigenProjection.load(root / PROJECTION, layout)
                 dim = projection.dim
-            cache = GradientCache(root, manifest["samples"], dim)
+            rows = len(manifest.get("candidates") or range(manifest["samples"]))
+            cache = GradientCache(root, rows, dim)
         return cls(root, manifest, Curvature.load(root / CURVATURE), layout, cache, projection)
 
 
@@ -224,6 +239,9 @@ def build_index(
     linears = lora_linears(model)
     layout = ParameterLayout.of(linears)
     encoded = [encode_sample(tokenizer, s.prompt, s.completion, config.max_length) for s in samples]
+    candidates = list(range(len(samples)))
+    if config.candidates is not None and config.candidates < len(samples):
+        candidates = sorted(random.Random(config.seed).sample(candidates, config.candidates))
     timings: dict[str, float] = {}
 
     staging = out_dir.with_name(out_dir.name + ".partial")
@@ -268,15 +286,15 @@ def build_index(
                     "kept_share": projection.kept_share(curvature),
                 }
             control.event(
-                f"caching the gradients of {len(encoded)} training samples "
+                f"caching the gradients of {len(candidates)} of {len(encoded)} training samples "
                 f"({stored['kind']}, {stored['dim']:,} numbers each)"
             )
-            cache = GradientCache.create(staging, len(encoded), stored["dim"])
+            cache = GradientCache.create(staging, len(candidates), stored["dim"])
             for indices, rows, _losses in compute_sample_gradients(
                 model,
                 linears,
                 to_rows,
-                encoded,
+                [encoded[position] for position in candidates],
                 batch_size=config.batch_size,
                 pad_id=tokenizer.pad_token_id,
                 control=control,
@@ -293,6 +311,7 @@ def build_index(
             "adapter_digest": adapter_weights_digest(adapter_dir),
             "train_digest": samples_digest(samples),
             "samples": len(samples),
+            "candidates": candidates if len(candidates) < len(samples) else None,
             "tokens": sum(len(sample.input_ids) for sample in encoded),
             "layout": layout.describe(),
             "dim": layout.dim,

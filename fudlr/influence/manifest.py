@@ -8,8 +8,10 @@ from typing import Any
 from fudlr.influence.projection import Projection
 
 MANIFEST = "index.json"
-FORMAT = 2  # 2: the gradient cache may be projected (format 1 indexes are dense)
-READABLE_FORMATS = (1, 2)
+# 2: the gradient cache may be projected (format 1 indexes are dense); 3: it may hold a
+# subset of the training samples (`candidates`, their positions in the training set)
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 
 
 def stored_projection(manifest: dict[str, Any]) -> Projection:

@@ -13,7 +13,8 @@ from fudlr.influence.gradients import GradientRows, dot_with_queries
 
 
 def influence_scores(
-    rows: GradientRows, preconditioned: torch.Tensor, samples: int
+    rows: GradientRows, preconditioned: torch.Tensor, count: int, training_samples: int
 ) -> torch.Tensor:
-    """[samples, k]: the predicted change of each query if each sample were removed."""
-    return dot_with_queries(rows, preconditioned.T.contiguous(), samples) / samples
+    """[count, k]: the predicted change of each query if each of the `count` rows' samples
+    were removed from a training set of `training_samples`."""
+    return dot_with_queries(rows, preconditioned.T.contiguous(), count) / training_samples

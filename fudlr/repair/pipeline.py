@@ -88,6 +88,9 @@ class DebiasJob:
         if tuple(linear.name for linear in self.linears) != self.index.layout.names:
             raise InputError("the index's LoRA layout differs from the adapter's", file=index_dir)
         check_projection(self.index.projection_kind, config.projection)
+        # the indexed samples, in the order of the index's rows: what scores and selections
+        # number (all training samples unless the index holds a subset)
+        self.candidates = [self.samples[position] for position in self.index.candidates]
         self.layout = self.index.layout
         valid = bundle.split("valid")
         self.query_rows = subset(valid, config.query_users, config.seed)
@@ -240,12 +243,13 @@ class DebiasJob:
         right for its gradient to speak about them: a constrained list itself, or the
         items a grounded search's beams ground to. The recommendations are kept as the
         original's measurement of the query users, which the step search starts from (no
-        second decoding)."""
+        second decoding); a constrained list is that measurement's, so a later job on the
+        same version and users decodes nothing here."""
         recommend = self.config.recommend
         if recommend.decoding == Decoding.CONSTRAINED:
-            ranked = self.recommender.rank(self.query_rows, recommend)
-            self.measure_original("valid", self.query_rows, ranked)
-            return ranked.rankings, ranked.rankings
+            measured = self.measure_original("valid", self.query_rows)
+            rankings = [measured.top_lists[row.user_id] for row in self.query_rows]
+            return rankings, rankings
         beams = self.recommender.generate_alternatives(self.query_rows, recommend)
         repeated = [row for row, texts in zip(self.query_rows, beams, strict=True) for _ in texts]
         grounded = self.recommender.rank_generations(
@@ -292,19 +296,21 @@ class DebiasJob:
             per_user = torch.einsum("k,ukd->ud", direction, quantities.per_user)
             queries = torch.cat([queries, per_user])
         self.control.event(
-            f"scoring {self.index.samples} training samples against {len(queries)} queries"
+            f"scoring {len(self.candidates)} training samples against {len(queries)} queries"
         )
         if self.index.cache is not None:
             rows = self.index.cache.read()
         else:
-            rows = self._sample_gradients(range(self.index.samples))
-        scores = influence_scores(rows, self.index.precondition(queries), self.index.samples)
+            rows = self._sample_gradients(range(len(self.candidates)))
+        scores = influence_scores(
+            rows, self.index.precondition(queries), len(self.candidates), self.index.samples
+        )
         self._lap("scores")
         return scores[:, :count], (scores[:, count:] if len(queries) > count else None)
 
     def _sample_gradients(self, chosen: Sequence[int]):
-        """Full gradients of the chosen training samples, as rows: a dense cache's, or one
-        pass over those samples (no cache, or a projected one)."""
+        """Full gradients of the chosen candidates (positions in `self.candidates`), as rows:
+        a dense cache's, or one pass over those samples (no cache, or a projected one)."""
         from fudlr.influence.gradients import compute_sample_gradients
         from fudlr.recommender.encoding import encode_sample
 
@@ -314,8 +320,8 @@ class DebiasJob:
         encoded = [
             encode_sample(
                 self.tokenizer,
-                self.samples[i].prompt,
-                self.samples[i].completion,
+                self.candidates[i].prompt,
+                self.candidates[i].completion,
                 self.config.max_length,
             )
             for i in chosen
@@ -377,7 +383,7 @@ class DebiasJob:
         )
         self._lap("mask")
         self.control.event(
-            f"selected {len(selection.indices)} of {self.index.samples} training samples"
+            f"selected {len(selection.indices)} of {len(self.candidates)} training samples"
         )
         return selection
 
@@ -493,8 +499,8 @@ class DebiasJob:
         """The Newton step of len(weights) training samples drawn at random (`seed`),
         carrying these weights: a selection's step without the selecting."""
         generator = random.Random(self.config.seed)
-        chosen = sorted(generator.sample(range(self.index.samples), len(weights)))
-        mask = torch.zeros(self.index.samples, dtype=torch.float64)
+        chosen = sorted(generator.sample(range(len(self.candidates)), len(weights)))
+        mask = torch.zeros(len(self.candidates), dtype=torch.float64)
         mask[chosen] = torch.tensor(list(weights), dtype=torch.float64)
         return self._newton_step(chosen, mask)
 
@@ -708,6 +714,7 @@ class DebiasJob:
             "biases": [bias.label for bias in self.config.biases],
             "config": asdict(self.config),
             "training_samples": self.index.samples,
+            "candidates": len(self.candidates),
             "eta": eta,
             "surrogates": dict(zip(names, quantities.values.tolist(), strict=True)),
             "temperatures": self.temperatures,
@@ -722,7 +729,7 @@ class DebiasJob:
             "guard": attempts,
             "selected": [
                 {
-                    "sample_id": self.samples[i].sample_id,
+                    "sample_id": self.candidates[i].sample_id,
                     "weight": float(selection.weights[i]),
                     "scores": dict(zip(names, scores[i].tolist(), strict=True)),
                 }

@@ -27,7 +27,9 @@ class DataFiles(RequestModel):
 
 class IndexOptions(RequestModel):
     """How the training-set index is built (unset: the method's defaults). kind: ekfac or
-    kfac; curvature_samples: fit on a subset (null: all samples); gradient_cache: keep every
+    kfac; curvature_samples: fit on a subset (null: all samples); candidates: index a
+    fixed-seed subset of this many training samples, the only ones a job may select (null:
+    all); gradient_cache: keep every
     sample's gradient so that jobs need no pass over the training set; projection: what
     the cache keeps of each gradient (eigenbasis: `projection_dim` coordinates of the
     curvature's eigenbasis; dense: every LoRA weight)."""
@@ -36,6 +38,7 @@ class IndexOptions(RequestModel):
     fisher: Literal["true", "empirical"] | None = None
     damping_factor: float | None = Field(None, gt=0)
     curvature_samples: int | None = Field(None, ge=1, le=INT32_MAX)
+    candidates: int | None = Field(None, ge=1, le=INT32_MAX)
     gradient_cache: bool | None = None
     projection: Projection | None = None
     projection_dim: int | None = Field(None, ge=1, le=1 << 20)

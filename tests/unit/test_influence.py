@@ -111,6 +111,31 @@ def test_cached_scores_equal_explicit_dot_products(
     assert correlation > 0.9999
 
 
+def test_a_candidate_index_holds_its_subset_and_scores_it_against_the_whole_training_set(
+    tmp_path: Path, tiny_model: Path, tiny_bundle: Path, tiny_adapter, tiny_index: Path
+) -> None:
+    """An index of a few candidates caches exactly their rows (same curvature seed, same
+    rows as the full index at their positions) and a removal still weighs 1/n of the whole
+    training set, so scores match the full index's at the candidates' positions."""
+    from fudlr.influence.scores import influence_scores
+
+    bundle = Bundle.load(tiny_bundle)
+    samples = training_samples(bundle, tiny_adapter[0])
+    config = IndexConfig(
+        curvature_samples=None, candidates=7, batch_size=16, projection=Projection.DENSE
+    )
+    build_index(tiny_model, tiny_adapter[0], bundle, tmp_path / "index", config, "cpu")
+    subset = _load_index(tmp_path / "index", tiny_model, tiny_adapter[0], samples)
+    full = _load_index(tiny_index, tiny_model, tiny_adapter[0], samples)
+    positions = subset.candidates
+    assert len(positions) == 7 == len(set(positions)) and positions == sorted(positions)
+    assert positions != list(range(7)) and subset.samples == len(samples)
+    queries = full.precondition(torch.randn(2, full.layout.dim, generator=torch.Generator()))
+    whole = influence_scores(full.cache.read(), queries, full.samples, full.samples)
+    some = influence_scores(subset.cache.read(), queries, len(positions), subset.samples)
+    torch.testing.assert_close(some, whole[positions], rtol=2e-2, atol=1e-3 * whole.abs().max())
+
+
 def _validation_gradients(tiny_model: Path, adapter: Path, bundle: Bundle) -> torch.Tensor:
     """Each validation user's loss gradient: queries shaped like a job's, not random."""
     from fudlr.control import Control

@@ -193,7 +193,7 @@ def test_predicted_changes_track_retraining_without_the_removed_samples(
     pools = sample_pools(rows, groups, per_stratum=6, seed=0)  # every item of the tiny catalog
     at_full = _share_values(tiny_model, full, bundle, rows, pools, groups)
     preconditioned = index.precondition(at_full.gradients)
-    scores = influence_scores(index.cache.read(), preconditioned, index.samples)
+    scores = influence_scores(index.cache.read(), preconditioned, index.samples, index.samples)
 
     generator = torch.Generator().manual_seed(0)
     predicted, actual = [], []
@@ -212,6 +212,46 @@ def test_predicted_changes_track_retraining_without_the_removed_samples(
     correlation = torch.corrcoef(torch.stack([predicted_changes, actual_changes]))[0, 1].item()
     print(f"\nfidelity: Pearson r(predicted, retrained) of group-share changes = {correlation:.3f}")
     assert correlation > 0.3
+
+
+def test_a_job_on_a_candidate_index_numbers_its_rows_by_the_candidates(
+    tmp_path: Path, tiny_model: Path, tiny_bundle: Path, tiny_adapter
+) -> None:
+    """Row i of a candidate index is the i-th candidate's gradient: the job's recomputed
+    gradients of its candidates (what the Newton step removes) project onto the cached
+    rows, and scores, selections and the random control range over the candidates only."""
+    from functools import partial
+
+    bundle = Bundle.load(tiny_bundle)
+    config = IndexConfig(curvature_samples=None, candidates=9, batch_size=16)
+    build_index(tiny_model, tiny_adapter[0], bundle, tmp_path / "index", config, "cpu")
+    job = DebiasJob(
+        tiny_model,
+        tiny_adapter[0],
+        bundle,
+        tmp_path / "index",
+        DebiasConfig(biases=(BiasSpec.parse("item:popularity_group:MGU@1"),), pool_per_group=2),
+        device="cpu",
+    )
+    positions = job.index.candidates
+    assert [s.sample_id for s in job.candidates] == [job.samples[p].sample_id for p in positions]
+    assert len(job.candidates) == 9 < job.index.samples == len(bundle.split("train"))
+    project = partial(job.index.projection.project, job.index.curvature)
+    recomputed = dict(
+        (i, project(job.layout.unflatten(row[None]))[0])
+        for indices, rows in job._sample_gradients(range(9))
+        for i, row in zip(indices, rows, strict=True)
+    )
+    cached = torch.cat([rows for _, rows in job.index.cache.read()])
+    for i in range(9):
+        assert torch.allclose(
+            recomputed[i], cached[i], rtol=2e-2, atol=2e-3 * cached[i].abs().max()
+        )
+    quantities, history = job.queries()
+    scores, _ = job.scores(quantities, history)
+    assert scores.shape[0] == 9
+    step = job.random_step([1.0, 1.0])
+    assert set(step) == set(job.layout.names)
 
 
 def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path, tiny_bundle: Path):
