@@ -78,10 +78,10 @@ def create_file(
         )
         targets = dict(zip(staged, store.content(record.digest), strict=False))
         Tenant.lock(session, tenant)
-        new = {source: target for source, target in targets.items() if not target.exists()}
+        new = {path: target for path, target in targets.items() if not target.exists()}
         require_room(store, settings, size_of(new))
-        for staged_path, target in new.items():
-            store.put(staged_path, target)
+        for path, target in new.items():
+            store.put(path, target)
         session.add(record)
         session.commit()
     return record
@@ -102,8 +102,8 @@ def delete_file(session: Session, store: TenantStore, tenant: str, file_id: str)
         )
     session.delete(record)
     session.flush()
-    unreferenced = [] if record.digest in kept_digests(session, tenant) else [record.digest]
-    with store.removing(record.id, [p for d in unreferenced for p in store.content(d)]):
+    held = record.digest in kept_digests(session, tenant)
+    with store.removing(record.id, [] if held else store.content(record.digest)):
         session.commit()
 
 

@@ -115,8 +115,9 @@ def delete_recommender(
     Tenant.lock(session, tenant)
     recommender = owned(session, Recommender, recommender_id, tenant, "recommender")
     jobs = session.scalars(select(Job).where(Job.recommender_id == recommender.id)).all()
-    versions = session.scalars(select(Version).where(Version.recommender_id == recommender.id))
-    versions = versions.all()
+    versions = session.scalars(
+        select(Version).where(Version.recommender_id == recommender.id)
+    ).all()
     busy = [f"job {job.id} is {job.state}" for job in jobs if job.state not in TERMINAL]
     busy += [f"version {v.number} is {v.state}" for v in versions if v.state == Version.RUNNING]
     if busy:
@@ -127,14 +128,16 @@ def delete_recommender(
             "or wait for them and for its indexes",
         )
     subjects = [job.id for job in jobs] + [version.id for version in versions]
+    digests = {version.digest for version in versions}
+    paths = [p for v in versions for p in (store.index(v.id), store.measurements(v.id))]
     session.execute(delete(Event).where(Event.subject_id.in_(subjects)))
     session.execute(delete(Version).where(Version.recommender_id == recommender.id))
     session.execute(delete(Job).where(Job.recommender_id == recommender.id))
     session.delete(recommender)
     session.flush()
-    kept = kept_digests(session, tenant)
-    paths = [p for v in versions for p in (store.index(v.id), store.measurements(v.id))]
-    paths += [p for d in {v.digest for v in versions} - kept for p in store.content(d)]
+    paths += [
+        p for digest in digests - kept_digests(session, tenant) for p in store.content(digest)
+    ]
     bundles = select(Recommender.id).where(
         Recommender.tenant_id == tenant, Recommender.bundle_digest == recommender.bundle_digest
     )
