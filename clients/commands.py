@@ -1,5 +1,6 @@
 """The service's commands: run it (`serve`, `worker`, `db`, `keys`) and use it (`register`,
-`submit`, `status`, `wait`, `cancel`, `download`).
+`submit`, `status`, `wait`, `cancel`, `download`, `usage`, `files delete`,
+`recommenders delete`).
 
 Running commands read `FUDLR_*` settings (service/settings.py); using commands talk to
 `FUDLR_URL` with `FUDLR_API_KEY` through the SDK. The web stack and Celery are imported
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 info = Console(stderr=True, highlight=False)  # chatter; stdout carries ids, keys and tables
 keys_app = typer.Typer(help="API keys (run where the service's database is reachable).")
 db_app = typer.Typer(help="The service's database schema.")
+files_app = typer.Typer(help="Uploaded files.")
+recommenders_app = typer.Typer(help="Registered recommenders.")
 
 
 def _client() -> Client:
@@ -269,6 +272,48 @@ def download(
     console.print(f"{recommender} v{number} -> {path}")
 
 
+def usage() -> None:
+    """Show what the tenant stores and runs, against its quotas."""
+    with _client() as client:
+        current = client.usage()
+    table = Table(title="usage", show_header=False)
+    share = current.bytes_stored / current.max_bytes
+    table.add_row(
+        "stored", f"{_size(current.bytes_stored)} of {_size(current.max_bytes)} ({share:.1%})"
+    )
+    table.add_row("unfinished jobs", f"{current.active_jobs} of {current.max_jobs}")
+    console.print(table)
+
+
+@files_app.command("delete")
+def files_delete(file: str = typer.Argument(..., help="File id (file_…).")) -> None:
+    """Delete an uploaded file (refused while a recommender uses it)."""
+    with _client() as client:
+        client.delete_file(file)
+    info.print(f"deleted {file}")
+
+
+@recommenders_app.command("delete")
+def recommenders_delete(
+    recommender: str = typer.Argument(..., help="Recommender id (rec_…)."),
+) -> None:
+    """Delete a recommender with its versions, indexes and finished jobs (refused while a
+    job of it is unfinished); its uploaded files stay."""
+    with _client() as client:
+        client.delete_recommender(recommender)
+    info.print(f"deleted {recommender}")
+
+
+def _size(count: int) -> str:
+    """Bytes in binary units, for people."""
+    value, unit = float(count), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
 def _finish(client: Client, job: JobOut) -> None:
     from fudlr.repair.cli import result_table
 
@@ -337,7 +382,9 @@ def _redacted(url: str) -> str:
 
 def add_to(app: typer.Typer) -> None:
     """Hang the service's commands on the `fudlr` app."""
-    for command in (serve, worker, register, submit, status, wait, cancel, download):
+    for command in (serve, worker, register, submit, status, wait, cancel, download, usage):
         app.command(command.__name__)(command)
+    app.add_typer(files_app, name="files")
+    app.add_typer(recommenders_app, name="recommenders")
     app.add_typer(keys_app, name="keys")
     app.add_typer(db_app, name="db")

@@ -34,6 +34,7 @@ from service.base_models.schemas import BaseModelOut
 from service.files.schemas import FileOut
 from service.jobs.schemas import EventOut, JobOut
 from service.recommenders.schemas import RecommenderOut, VersionOut
+from service.usage.schemas import UsageOut
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -136,6 +137,10 @@ class Client:
             )
         return FileOut.model_validate(response.json())
 
+    def delete_file(self, file_id: str) -> None:
+        """Delete an uploaded file (ApiError `in_use` while a recommender uses it)."""
+        self._request("DELETE", f"/v1/files/{file_id}")
+
     def register_base_model(
         self, name: str, path: str | Path, sha256: str | None = None
     ) -> BaseModelOut:
@@ -197,6 +202,11 @@ class Client:
 
     def recommenders(self) -> Iterator[RecommenderOut]:
         return self._pages(RecommenderOut, "/v1/recommenders")
+
+    def delete_recommender(self, recommender_id: str) -> None:
+        """Delete a recommender with its versions, indexes and finished jobs (ApiError
+        `in_use` while a job of it is unfinished or a version is being indexed)."""
+        self._request("DELETE", f"/v1/recommenders/{recommender_id}")
 
     def versions(self, recommender_id: str) -> list[VersionOut]:
         versions, after = [], 0
@@ -262,6 +272,10 @@ class Client:
             for path in unpacked.iterdir():
                 path.replace(out / path.name)
         return out
+
+    def usage(self) -> UsageOut:
+        """Bytes stored and unfinished jobs, against the tenant's quotas."""
+        return self._get(UsageOut, "/v1/usage")
 
     # jobs
 

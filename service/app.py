@@ -27,8 +27,9 @@ from service.jobs.router import router as jobs
 from service.middleware import AuthBeforeBody, BodyLimit, RequestMetrics
 from service.recommenders.router import router as recommenders
 from service.settings import Settings
+from service.usage.router import router as usage
 from service.validation import known_query
-from workers.reaper import reap
+from workers.reaper import reap, settle_trash
 
 log = logging.getLogger(__name__)
 DESCRIPTION = (
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         threads.total_tokens = max(threads.total_tokens, settings.max_concurrent_requests + 16)
         if settings.auto_migrate:
             await asyncio.to_thread(migrate, context.engine)
+        await asyncio.to_thread(settle_trash, context.sessions, context.storage)
         reaper = asyncio.create_task(_reap_forever(context))
         try:
             yield
@@ -72,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, upload_limit=settings.max_upload_bytes)
     app.add_middleware(AuthBeforeBody, tenant_of=context.tenant_of)
     app.add_middleware(RequestMetrics, registry=app.state.metrics)
-    for router in (files, base_models, recommenders, jobs):
+    for router in (files, base_models, recommenders, jobs, usage):
         app.include_router(router, responses=problems.RESPONSES)
     app.include_router(health)
     return app

@@ -47,19 +47,27 @@ class ProblemOut(BaseModel):
     field: str | None = None
 
 
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+}
 RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {
         "description": description,
         "content": {MEDIA_TYPE: {"schema": ProblemOut.model_json_schema()}},
+        **({"headers": _RETRY_AFTER} if status in (429, 503) else {}),
     }
     for status, description in (
         (400, "the request body is not JSON the server can read"),
         (401, "missing, unknown or revoked API key"),
         (404, "no such object for this tenant"),
-        (409, "the object is not in a state that allows this"),
-        (413, "the request body is too large"),
+        (409, "the object is not in a state that allows this, or is in use (`in_use`)"),
+        (
+            413,
+            "the request body is too large, or the tenant's byte quota is reached "
+            "(`quota_exceeded`)",
+        ),
         (422, "the request or its data is invalid"),
-        (429, "a quota of the tenant is reached"),
+        (429, "the tenant's quota of unfinished jobs is reached (`quota_exceeded`)"),
         (503, "the server is busy; retry after `Retry-After` seconds"),
     )
 }

@@ -58,6 +58,22 @@ class Settings(BaseSettings):
         1 << 20, gt=0, description="longest line a JSON Lines data file may have"
     )
 
+    max_tenant_bytes: int = Field(
+        50 << 30,
+        gt=0,
+        description="bytes a tenant may store (uploaded files, adapter versions, indexes); "
+        "an upload beyond it, or new work once it is reached, answers 413 quota_exceeded",
+    )
+    max_tenant_jobs: int = Field(
+        4,
+        ge=1,
+        description="debias jobs a tenant may have queued or running at once; one more "
+        "answers 429 quota_exceeded",
+    )
+    quota_retry_after_seconds: int = Field(
+        60, ge=1, description="the Retry-After of a 429 quota_exceeded"
+    )
+
     db_pool_size: int = Field(
         24,
         ge=2,

@@ -5,7 +5,7 @@ conditional UPDATE on the lease it saw). An expired lease is requeued until the 
 used `max_attempts` claims, then the work fails with that reason; a job whose
 cancellation was requested ends `cancelled` instead. Work that ends here leaves no scratch
 behind: the reaper removes what its lost attempts wrote (a requeued attempt removes its
-predecessors' itself).
+predecessors' itself). It also settles deletions a crash interrupted (`settle_trash`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.auth.models import Tenant
 from service.db import Leased, transaction, utcnow
+from service.files.models import File
 from service.jobs.models import Job
-from service.recommenders.models import Version
+from service.recommenders.models import Recommender, Version
 from service.settings import Settings
 from service.storage import Storage
 from workers.leases import add_event
@@ -38,7 +40,26 @@ def reap(sessions: sessionmaker[Session], settings: Settings, queue: TaskQueue) 
     unique = list(dict.fromkeys(resend))  # a requeued row is also unsent: send it once
     for model, subject_id in unique:
         queue.send(sessions, model, subject_id)
+    settle_trash(sessions, Storage(settings.artifacts))
     return [subject_id for _, subject_id in unique]
+
+
+def settle_trash(sessions: sessionmaker[Session], storage: Storage) -> list[str]:
+    """Finish or undo deletions a crash interrupted (run at startup and by every pass):
+    under the tenant's lock, a file or recommender still in the database gets its files
+    back from the trash, one that is gone loses them. Returns the subjects settled."""
+    settled = []
+    for tenant in storage.tenants_with_trash():
+        with transaction(sessions) as session:
+            Tenant.lock(session, tenant)
+
+            def exists(subject: str, session: Session = session) -> bool:
+                return any(session.get(model, subject) for model in (File, Recommender))
+
+            settled += storage.tenant(tenant).recover_trash(exists)
+    if settled:
+        log.info("settled interrupted deletions of %s", ", ".join(settled))
+    return settled
 
 
 def _expire(sessions: sessionmaker[Session], model: type[Leased], settings: Settings) -> list[str]:

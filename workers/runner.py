@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fudlr.control import Cancelled
 from fudlr.errors import FudlrError, InputError
+from service.auth.models import Tenant
 from service.db import Leased, make_engine, new_id, session_factory, transaction
 from service.files.archives import pack
 from service.jobs.schemas import JobSpec
@@ -173,6 +175,7 @@ class Runtime:
                 config,
                 self.settings.device,
                 lease.control(),
+                measurements=store.measurements(version.id),
             ).run(work)
             self._publish(lease, job, version, store, work / "adapter", report)
         finally:
@@ -187,27 +190,28 @@ class Runtime:
         adapter: Path,
         report: dict,
     ) -> None:
-        """Store the repaired adapter by content, then in one transaction end the job and add
-        the next version (a version's `job_id` is unique: one job, one version)."""
-        with store.staging() as staging:
-            digest = pack(adapter, staging / "adapter.tar.gz")
-            size = (staging / "adapter.tar.gz").stat().st_size
-            store.put(staging / "adapter.tar.gz", store.blob(digest))
-        store.put(adapter, store.adapter(digest))
+        """Pack the repaired adapter; then in one transaction, under the tenant's lock (a
+        deletion must not remove content a new version is about to hold), store it by
+        content, end the job and add the next version (a version's `job_id` is unique: one
+        job, one version)."""
         metrics = {
             "before": report["metrics"]["valid"]["before"],
             "predicted": report["predicted"],
             "after": report["metrics"]["valid"]["after"],
             "test": report["metrics"].get("test"),
         }
-        for _ in range(_PUBLISH_TRIES):
-            try:
-                new_version = self._publish_once(lease, job, parent, digest, size, metrics, report)
-                break
-            except IntegrityError:  # another job took the next number: take the one after
-                continue
-        else:
-            raise FudlrError("could not allocate a version number")
+        with store.staging() as staging:
+            archive = staging / "adapter.tar.gz"
+            digest = pack(adapter, archive)
+            staged = StagedAdapter(store, [archive, adapter], digest, archive.stat().st_size)
+            for _ in range(_PUBLISH_TRIES):
+                try:
+                    new_version = self._publish_once(lease, job, parent, staged, metrics, report)
+                    break
+                except IntegrityError:  # another job took the next number: take the one after
+                    continue
+            else:
+                raise FudlrError("could not allocate a version number")
         if new_version is not None:
             self.queue.send(self.sessions, Version, new_version)
 
@@ -216,12 +220,12 @@ class Runtime:
         lease: Lease,
         job: Job,
         parent: Version,
-        digest: str,
-        size: int,
+        staged: StagedAdapter,
         metrics: dict,
         report: dict,
     ) -> str | None:
         with transaction(self.sessions) as session:
+            Tenant.lock(session, job.tenant_id)
             number = 1 + session.scalar(
                 select(func.max(Version.number)).where(Version.recommender_id == job.recommender_id)
             )
@@ -239,6 +243,7 @@ class Runtime:
             if not ended:  # cancelled meanwhile (or lost): publish nothing
                 version = None
             else:
+                staged.put()
                 version = Version(
                     id=new_id("ver"),
                     tenant_id=job.tenant_id,
@@ -246,8 +251,8 @@ class Runtime:
                     number=number,
                     parent_number=parent.number,
                     job_id=job.id,
-                    digest=digest,
-                    bytes=size,
+                    digest=staged.digest,
+                    bytes=staged.bytes,
                     state=Version.PENDING,
                 )
                 session.add(version)
@@ -255,6 +260,21 @@ class Runtime:
             self._end(lease, "cancelled", "cancelled: the finished result was discarded")
             return None
         return version.id
+
+
+@dataclass
+class StagedAdapter:
+    """A repaired adapter staged for publication: its archive and folder, in the order of
+    `TenantStore.content`, moved into the store by `put` (a retry finds them there)."""
+
+    store: TenantStore
+    staged: list[Path]
+    digest: str
+    bytes: int
+
+    def put(self) -> None:
+        for source, target in zip(self.staged, self.store.content(self.digest), strict=True):
+            self.store.put(source, target)
 
 
 def _built(index: Path, base_dir: Path, adapter: Path, config: Any) -> bool:

@@ -56,7 +56,10 @@ class DebiasJob:
         config: DebiasConfig,
         device: str = "auto",
         control: Control | None = None,
+        measurements: Path | None = None,
     ) -> None:
+        """`measurements`: where the unpatched adapter's measurements are cached (default:
+        the method's cache; the service keeps one folder per version, removed with it)."""
         from fudlr.influence.index import (
             TrainingIndex,
             adapter_weights_digest,
@@ -65,9 +68,11 @@ class DebiasJob:
         )
         from fudlr.influence.tracker import lora_linears
         from fudlr.models.store import model_digest
+        from fudlr.paths import cache_dir
         from fudlr.recommender.recommend import Recommender
 
         self.config, self.bundle, self.adapter_dir = config, bundle, adapter_dir
+        self.measurements = measurements or cache_dir() / "measurements"
         self.control = control or Control()
         self.timings: dict[str, float] = {}
         self.step_search: list[dict] = []  # every η on the query users, best first (run())
@@ -121,7 +126,6 @@ class DebiasJob:
     ) -> Measurement:
         """The unpatched adapter's measurement, computed once per adapter and settings;
         from `ranked` (the rows' recommendations, already decoded) where given."""
-        from fudlr.paths import cache_dir
         from fudlr.repair.guard import cached_measure, measurement_key, measurement_of
 
         config = self.config
@@ -148,7 +152,7 @@ class DebiasJob:
                 ranked.exact_matches,
             )
 
-        return cached_measure(cache_dir() / "measurements", key, compute)
+        return cached_measure(self.measurements, key, compute)
 
     def queries(self) -> tuple[Quantities, dict[str, torch.Tensor]]:
         """Every linearised quantity with its gradient, and each item attribute's GH target."""

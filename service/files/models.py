@@ -24,3 +24,9 @@ class File(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     details: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    @property
+    def digest(self) -> str:
+        """What the store keeps it under: an adapter's canonical archive (and folder), a
+        data file's upload."""
+        return self.details["digest"] if self.purpose == "adapter" else self.sha256

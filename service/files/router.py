@@ -1,10 +1,10 @@
-"""`/v1/files`: upload (multipart: `file` + `purpose`), list, get."""
+"""`/v1/files`: upload (multipart: `file` + `purpose`), list, get, delete."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Query, Response, UploadFile
 from fastapi import File as FileField
 from sqlalchemy import select
 
@@ -12,7 +12,7 @@ from service.auth.service import StoreDep, TenantDep, owned
 from service.context import ContextDep, SessionDep
 from service.files.models import File
 from service.files.schemas import FileOut, Purpose
-from service.files.service import clean_filename, create_file
+from service.files.service import clean_filename, create_file, delete_file
 from service.pagination import Page, paginate
 from service.validation import Cursor, IdPath
 
@@ -58,3 +58,12 @@ def list_files(
 @router.get("/{file_id}", response_model=FileOut)
 def get_file(session: SessionDep, tenant: TenantDep, file_id: IdPath) -> File:
     return owned(session, File, file_id, tenant, "file")
+
+
+@router.delete("/{file_id}", status_code=204, response_class=Response)
+def remove_file(
+    session: SessionDep, tenant: TenantDep, store: StoreDep, file_id: IdPath
+) -> Response:
+    """Delete the file and its stored bytes (409 `in_use` while a recommender uses it)."""
+    delete_file(session, store, tenant, file_id)
+    return Response(status_code=204)

@@ -3,7 +3,8 @@
 A data file must parse as the bundle's JSON Lines schema for its purpose, line by line
 (each line bounded in length); an adapter must be a safe archive of a LoRA PEFT directory
 with safetensors weights, of which only the config and the weights are kept. A refused
-upload leaves nothing behind: staging is removed, no row is written.
+upload leaves nothing behind: staging is removed, no row is written. Deleting a file
+removes what no other file or version of the tenant still holds.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ from fudlr.data.jsonl import iter_rows
 from fudlr.data.schema import ROW_SCHEMAS
 from fudlr.errors import InputError
 from fudlr.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+from service.auth.models import Tenant
+from service.auth.service import owned
 from service.db import new_id
 from service.files.archives import Limits, pack, unpack
 from service.files.models import File
 from service.files.tensors import read_header
 from service.problems import Problem, input_problem
+from service.recommenders.service import kept_digests, users_of
 from service.settings import Settings
-from service.storage import TenantStore
+from service.storage import TenantStore, size_of
+from service.usage.service import require_room
 from service.validation import INT32_MAX
 
 ROW_KEYS = {"items": "item_id", "users": "user_id"}  # samples are keyed by sample_id
@@ -51,26 +56,55 @@ def create_file(
     filename: str,
     source: IO[bytes],
 ) -> File:
+    """Receive and validate in staging; then, under the tenant's lock, check the byte quota
+    against what is new to the store, move it into place and record it."""
     with store.staging() as staging:
         raw = staging / "upload"
         sha256, size = _receive(source, raw, settings.max_upload_bytes)
         if purpose == "adapter":
-            details = _store_adapter(store, raw, staging, settings, filename)
+            details = _check_adapter(raw, staging, settings, filename)
+            staged = [staging / "adapter.tar.gz", staging / "adapter"]  # as store.content
         else:
             details = {"rows": _check_rows(raw, purpose, filename, settings.max_line_bytes)}
-            store.put(raw, store.blob(sha256))
-    record = File(
-        id=new_id("file"),
-        tenant_id=tenant,
-        purpose=purpose,
-        filename=filename,
-        bytes=size,
-        sha256=sha256,
-        details=details,
-    )
-    session.add(record)
-    session.commit()
+            staged = [raw]
+        record = File(
+            id=new_id("file"),
+            tenant_id=tenant,
+            purpose=purpose,
+            filename=filename,
+            bytes=size,
+            sha256=sha256,
+            details=details,
+        )
+        targets = dict(zip(staged, store.content(record.digest), strict=False))
+        Tenant.lock(session, tenant)
+        new = {path: target for path, target in targets.items() if not target.exists()}
+        require_room(store, settings, size_of(new))
+        for path, target in new.items():
+            store.put(path, target)
+        session.add(record)
+        session.commit()
     return record
+
+
+def delete_file(session: Session, store: TenantStore, tenant: str, file_id: str) -> None:
+    """Forget the file and remove what only it kept (content-addressed: another file or a
+    version may hold the same bytes). 409 while a recommender uses it."""
+    Tenant.lock(session, tenant)
+    record = owned(session, File, file_id, tenant, "file")
+    users = users_of(session, tenant, record.id)
+    if users:
+        raise Problem(
+            409,
+            "in_use",
+            f"file '{record.id}' is used by recommender {', '.join(users)}; delete "
+            f"{'it' if len(users) == 1 else 'them'} first",
+        )
+    session.delete(record)
+    session.flush()
+    held = record.digest in kept_digests(session, tenant)
+    with store.removing(record.id, [] if held else store.content(record.digest)):
+        session.commit()
 
 
 def _receive(source: IO[bytes], target: Path, limit: int) -> tuple[str, int]:
@@ -106,11 +140,10 @@ def _check_rows(path: Path, purpose: str, filename: str, max_line_bytes: int) ->
     return len(seen)
 
 
-def _store_adapter(
-    store: TenantStore, raw: Path, staging: Path, settings: Settings, filename: str
-) -> dict[str, Any]:
-    """Unpack safely, check it is a LoRA adapter, store the canonical archive and the folder
-    under the archive's digest (the digest versions and downloads are known by)."""
+def _check_adapter(raw: Path, staging: Path, settings: Settings, filename: str) -> dict[str, Any]:
+    """Unpack safely into `staging/adapter`, check it is a LoRA adapter, and pack the
+    canonical archive `staging/adapter.tar.gz`, whose digest versions and downloads are
+    known by."""
     folder = staging / "adapter"
     folder.mkdir()
     limits = Limits(settings.max_archive_members, settings.max_extracted_bytes)
@@ -124,10 +157,7 @@ def _store_adapter(
             raise InputError("holds no LoRA tensors (lora_A / lora_B)", file=ADAPTER_WEIGHTS)
     except InputError as error:
         raise input_problem(error, "invalid_adapter", {str(folder): {"file": filename}}) from None
-    archive = staging / "adapter.tar.gz"
-    digest = pack(folder, archive)
-    store.put(archive, store.blob(digest))
-    store.put(folder, store.adapter(digest))
+    digest = pack(folder, staging / "adapter.tar.gz")
     return {
         "digest": digest,
         "files": files,

@@ -33,7 +33,7 @@ def submit_job(
     ] = None,
 ) -> dict:
     """Queue a debias job on a ready version; poll `Location` for its state."""
-    job, created = create_job(session, store, tenant, request, idempotency_key)
+    job, created = create_job(session, context.settings, store, tenant, request, idempotency_key)
     if created:
         context.queue.send(context.sessions, Job, job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"

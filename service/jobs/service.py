@@ -21,19 +21,23 @@ from fudlr.errors import InputError
 from fudlr.influence.manifest import MANIFEST, stored_projection
 from fudlr.recommender.recommend import Decoding, check_decodable
 from fudlr.repair.config import check_projection
+from service.auth.models import Tenant
 from service.auth.service import owned
 from service.db import new_id, utcnow
 from service.jobs.models import TERMINAL, Event, Job
 from service.jobs.schemas import JobCreate, JobSpec
-from service.problems import Problem
+from service.problems import Problem, not_found
 from service.recommenders.models import Recommender, Version
 from service.recommenders.service import latest_number, version_of
+from service.settings import Settings
 from service.storage import TenantStore
+from service.usage.service import require_job_slot, require_room
 from workers.leases import add_event
 
 
 def create_job(
     session: Session,
+    settings: Settings,
     store: TenantStore,
     tenant: str,
     request: JobCreate,
@@ -64,6 +68,11 @@ def create_job(
     _check_against_data(store, recommender, spec)
     _check_against_index(store, version, spec)
 
+    Tenant.lock(session, tenant)  # the quotas; and the recommender must still be there
+    if session.scalar(select(Recommender.id).where(Recommender.id == recommender.id)) is None:
+        raise not_found("recommender", recommender.id)
+    require_job_slot(session, tenant, settings)
+    require_room(store, settings, 1)  # its version and that version's index are yet to come
     job = Job(
         id=new_id("job"),
         tenant_id=tenant,

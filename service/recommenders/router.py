@@ -1,4 +1,4 @@
-"""`/v1/recommenders`: register, list, get; versions with lineage; adapter downloads."""
+"""`/v1/recommenders`: register, list, get, delete; versions with lineage; adapter downloads."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from service.recommenders.models import Recommender, Version
 from service.recommenders.schemas import RecommenderCreate, RecommenderOut, VersionOut
 from service.recommenders.service import (
     create_recommender,
+    delete_recommender,
     recommender_out,
     version_of,
     version_out,
@@ -38,7 +39,7 @@ def register_recommender(
 ) -> dict:
     """Cross-check the adapter, the base model and the data, then build the index (state
     `indexing`, then `ready` or `failed`)."""
-    recommender, version = create_recommender(session, store, tenant, request)
+    recommender, version = create_recommender(session, context.settings, store, tenant, request)
     context.queue.send(context.sessions, Version, version.id)
     response.headers["Location"] = f"/v1/recommenders/{recommender.id}"
     return recommender_out(session, recommender)
@@ -60,6 +61,16 @@ def list_recommenders(
 def get_recommender(session: SessionDep, tenant: TenantDep, recommender_id: IdPath) -> dict:
     recommender = owned(session, Recommender, recommender_id, tenant, "recommender")
     return recommender_out(session, recommender)
+
+
+@router.delete("/{recommender_id}", status_code=204, response_class=Response)
+def remove_recommender(
+    session: SessionDep, tenant: TenantDep, store: StoreDep, recommender_id: IdPath
+) -> Response:
+    """Delete the recommender with its versions, indexes and finished jobs (409 `in_use`
+    while a job of it is unfinished or a version is being indexed); its files stay."""
+    delete_recommender(session, store, tenant, recommender_id)
+    return Response(status_code=204)
 
 
 @router.get("/{recommender_id}/versions", response_model=Page[VersionOut])

@@ -84,6 +84,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Api:
         max_upload_bytes=LIMIT,
         max_extracted_bytes=UNPACKED,
         max_line_bytes=LINE,
+        max_tenant_jobs=100,  # no worker runs: the jobs of these tests stay queued
         model_roots=[tmp_path_factory.getbasetemp()],
         reaper_interval_seconds=3600,
     )
