@@ -93,7 +93,7 @@ def worker(
 ) -> None:
     """Run a worker on the FUDLR_QUEUE queue (many workers on many machines share one)."""
     from service.settings import Settings
-    from workers.app import create_celery
+    from workers.app import create_worker_app
 
     settings = Settings()
     if pool not in ("prefork", "solo", "threads"):
@@ -115,7 +115,7 @@ def worker(
     ]
     if pool == "prefork":
         argv += ["--max-tasks-per-child", "1"]
-    create_celery(settings).worker_main(argv)
+    create_worker_app(settings).worker_main(argv)
 
 
 @db_app.command("upgrade")

@@ -1,1 +1,2 @@
-"""FastAPI service (DESIGN.md §6): settings, database, auth, storage, one router per resource."""
+"""The FastAPI service: settings, database, auth, storage, one folder per resource, the task
+queue and the reaper. It imports the method (fudlr) and never the workers."""

@@ -25,11 +25,11 @@ from service.health.router import ServiceCollector
 from service.health.router import router as health
 from service.jobs.router import router as jobs
 from service.middleware import AuthBeforeBody, BodyLimit, RequestMetrics
+from service.reaper import reap, settle_trash
 from service.recommenders.router import router as recommenders
 from service.settings import Settings
 from service.usage.router import router as usage
 from service.validation import known_query
-from workers.reaper import reap, settle_trash
 
 log = logging.getLogger(__name__)
 DESCRIPTION = (

@@ -24,10 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import make_engine, session_factory
 from service.problems import Problem
+from service.queue import TaskQueue, create_celery
 from service.settings import Settings
 from service.storage import Storage
-from workers.app import create_celery
-from workers.queue import TaskQueue
 
 
 @dataclass

@@ -1,1 +1,2 @@
-"""Celery app and tasks (index, debias) that run the method on GPU workers (DESIGN.md §6)."""
+"""The Celery worker: registers the service's tasks (service/queue.py) and runs the method
+under a lease. It imports the service and the method; nothing imports it."""

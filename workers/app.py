@@ -1,4 +1,5 @@
-"""The Celery app, configured from Settings: the database row decides, the broker delivers.
+"""The worker's Celery app: the service's broker and queue (service/queue.py), plus the
+tasks and how a worker consumes them.
 
 `acks_late` + prefetch 1: a task's message is acknowledged after it ran, one at a time
 per worker. Redis redelivers an unacknowledged message only after the visibility
@@ -10,39 +11,16 @@ from __future__ import annotations
 
 from celery import Celery
 
+from service.queue import create_celery
 from service.settings import Settings
 
-INDEX_TASK = "fudlr.index_version"
-JOB_TASK = "fudlr.run_job"
 
-
-def create_celery(settings: Settings) -> Celery:
-    app = Celery("fudlr", broker=settings.broker, set_as_current=False)
-    options: dict = {"visibility_timeout": settings.visibility_timeout_seconds}
-    filesystem = settings.broker.startswith("filesystem://")
-    if filesystem:
-        folder = settings.broker_folder
-        for sub in ("processed", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        options.update(
-            data_folder_in=str(folder),
-            data_folder_out=str(folder),
-            processed_folder=str(folder / "processed"),
-            control_folder=str(folder / "control"),
-            store_processed=False,
-        )
+def create_worker_app(settings: Settings) -> Celery:
+    app = create_celery(settings)
     app.conf.update(
         task_acks_late=True,
         worker_prefetch_multiplier=1,
-        task_ignore_result=True,
-        task_default_queue=settings.queue,
-        task_routes={"fudlr.*": {"queue": settings.queue}},
-        task_serializer="json",
-        accept_content=["json"],
-        broker_transport_options=options,
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=5,
-        worker_enable_remote_control=not filesystem,
+        worker_enable_remote_control=not settings.broker.startswith("filesystem://"),
         worker_hijack_root_logger=False,
         imports=("workers.tasks",),
     )

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fudlr.control import Control
 from service.db import Leased, transaction, utcnow
-from service.jobs.models import Event
+from service.jobs.models import add_event
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,6 @@ _PROGRESS_EVERY = 0.5  # seconds between progress writes within a stage
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def add_event(session: Session, subject_id: str, kind: str, message: str, **fields: Any) -> None:
-    session.add(Event(subject_id=subject_id, kind=kind, message=message, **fields))
 
 
 class Lease:

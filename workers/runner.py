@@ -27,10 +27,10 @@ from service.db import Leased, make_engine, new_id, session_factory, transaction
 from service.files.archives import pack
 from service.jobs.schemas import JobSpec
 from service.models import Job, Recommender, RegisteredModel, Version
+from service.queue import TaskQueue
 from service.settings import Settings
 from service.storage import Storage, TenantStore
 from workers.leases import Lease
-from workers.queue import TaskQueue
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
-from workers.app import INDEX_TASK, JOB_TASK
+from service.queue import INDEX_TASK, JOB_TASK
 from workers.runner import Runtime
 
 

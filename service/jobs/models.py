@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from service.db import Base, Leased, utcnow
 
@@ -46,3 +46,9 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
     stage: Mapped[str | None] = mapped_column(String(64))
     progress: Mapped[float | None]
+
+
+def add_event(session: Session, subject_id: str, kind: str, message: str, **fields: Any) -> None:
+    """An event of a job or an index, in the caller's transaction: it commits with the change
+    it records, or not at all."""
+    session.add(Event(subject_id=subject_id, kind=kind, message=message, **fields))

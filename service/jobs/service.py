@@ -24,7 +24,7 @@ from fudlr.repair.config import check_projection
 from service.auth.models import Tenant
 from service.auth.service import owned
 from service.db import new_id, utcnow
-from service.jobs.models import TERMINAL, Event, Job
+from service.jobs.models import TERMINAL, Event, Job, add_event
 from service.jobs.schemas import JobCreate, JobSpec
 from service.problems import Problem, not_found
 from service.recommenders.models import Recommender, Version
@@ -32,7 +32,6 @@ from service.recommenders.service import latest_number, version_of
 from service.settings import Settings
 from service.storage import TenantStore
 from service.usage.service import require_job_slot, require_room
-from workers.leases import add_event
 
 
 def create_job(

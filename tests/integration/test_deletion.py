@@ -17,12 +17,12 @@ from sqlalchemy import delete, select, update
 from service.auth.models import Tenant
 from service.files.archives import pack
 from service.models import Event, File, Job, Recommender, Version
+from service.reaper import settle_trash
 from service.settings import Settings
 from service.storage import DURABLE, TenantStore
 from tests.conftest import run_cli
 from tests.integration.harness import InProcessServer, api_key, throwaway_database
 from tests.integration.test_api import BIAS, Api, _adapter_files, _tar, problem
-from workers.reaper import settle_trash
 
 DATA = ("items", "users", "train", "valid", "test")
 

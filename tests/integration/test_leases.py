@@ -12,11 +12,10 @@ from sqlalchemy import event, select, update
 from service.db import make_engine, migrate, new_id, session_factory, transaction, utcnow
 from service.jobs.service import cancel_job
 from service.models import Event, File, Job, Recommender, RegisteredModel, Tenant, Version
+from service.queue import TaskQueue, create_celery
+from service.reaper import reap
 from service.settings import Settings
-from workers.app import create_celery
 from workers.leases import Lease
-from workers.queue import TaskQueue
-from workers.reaper import reap
 
 
 @pytest.fixture

@@ -19,12 +19,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.auth.models import Tenant
 from service.db import Leased, transaction, utcnow
 from service.files.models import File
-from service.jobs.models import Job
+from service.jobs.models import Job, add_event
+from service.queue import TaskQueue
 from service.recommenders.models import Recommender, Version
 from service.settings import Settings
 from service.storage import Storage
-from workers.leases import add_event
-from workers.queue import TaskQueue
 
 log = logging.getLogger(__name__)
 MODELS: tuple[type[Leased], ...] = (Job, Version)
