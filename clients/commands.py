@@ -24,8 +24,8 @@ from fudlr.console import console
 from fudlr.errors import FudlrError
 
 if TYPE_CHECKING:
+    from clients.models import JobOut
     from clients.sdk import Client
-    from service.jobs.schemas import JobOut
 
 info = Console(stderr=True, highlight=False)  # chatter; stdout carries ids, keys and tables
 keys_app = typer.Typer(help="API keys (run where the service's database is reachable).")

@@ -1,4 +1,5 @@
-"""Python client of the FUDLR service (httpx), with the API's own response models as types.
+"""Python client of the FUDLR service (httpx), with the API's responses as typed models
+(clients/models.py); it needs none of the server's code.
 
     from clients.sdk import Client
     client = Client()                      # FUDLR_URL, FUDLR_API_KEY
@@ -28,13 +29,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from clients.models import (
+    BaseModelOut,
+    EventOut,
+    FileOut,
+    JobOut,
+    RecommenderOut,
+    UsageOut,
+    VersionOut,
+)
 from fudlr.errors import FudlrError
 from fudlr.repair.spec import BiasSpec
-from service.base_models.schemas import BaseModelOut
-from service.files.schemas import FileOut
-from service.jobs.schemas import EventOut, JobOut
-from service.recommenders.schemas import RecommenderOut, VersionOut
-from service.usage.schemas import UsageOut
 
 if TYPE_CHECKING:
     from rich.progress import Progress

@@ -25,7 +25,6 @@ from fudlr.fairness.metrics import (
     evaluate,
     load_recommendations,
 )
-from fudlr.fairness.plot import plot_report
 
 
 def metrics(
@@ -58,6 +57,8 @@ def metrics(
     rankings = load_recommendations(recommendations, loaded)
     report = evaluate(loaded, split, rankings, ks, item_groups, user_groups, source=recommendations)
     if plot is not None:
+        from fudlr.fairness.plot import plot_report  # matplotlib, only when asked to plot
+
         plot_report(report, plot, plot_k)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

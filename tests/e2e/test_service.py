@@ -13,8 +13,8 @@ import httpx
 import pytest
 import torch
 
+from clients.models import JobOut
 from clients.sdk import ApiError, Client, JobFailed
-from service.jobs.schemas import JobOut
 from tests.e2e.conftest import PLANTED_JOB, Cluster, fudlr, start_cluster
 from tests.integration.harness import wait_for
 
