@@ -16,7 +16,7 @@ COPY fudlr ./fudlr
 COPY service ./service
 COPY workers ./workers
 COPY clients ./clients
-RUN pip install . \
+RUN pip install '.[all]' \
     && useradd --create-home --uid 1000 fudlr \
     && mkdir -p /data /models \
     && chown fudlr /data

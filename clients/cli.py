@@ -1,6 +1,8 @@
 """Entry point of the `fudlr` command: every failure the user can fix ends as one line, exit 2.
 
-The method's commands come from `fudlr.cli`, the service's from `clients.commands`.
+The method's commands come from `fudlr.cli`, the service's from `clients.commands`. Each
+imports torch, Celery or SQLAlchemy only when it runs, so a client install
+(`pip install 'fudlr[client]'`) lists every command and says what to install for the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fudlr.cli import app
 from fudlr.errors import FudlrError
 
 add_to(app)  # the service's commands next to the method's
+OWN_PACKAGES = ("fudlr", "service", "workers", "clients", "bench")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,6 +44,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except FudlrError as error:
         stderr.print(f"[bold red]error:[/] {escape(str(error))}")
+        sys.exit(2)
+    except ModuleNotFoundError as error:
+        # a client install (`fudlr[client]`) lists every command but runs only the client's
+        if error.name is None or error.name.partition(".")[0] in OWN_PACKAGES:
+            raise
+        install = "pip install 'fudlr[all]'"
+        needs = f"this command needs '{error.name}', which this install lacks: {install}"
+        stderr.print(f"[bold red]error:[/] {escape(needs)}")
         sys.exit(2)
     except OSError as error:
         where = f": {error.filename}" if error.filename else ""
