@@ -103,6 +103,8 @@ class DebiasConfig:
     order. guard_tries: how many of them the guard measures: the step sizes are first
     ranked by the hard bias change on the query users (decoded at θ + ηΔθ), and the guard
     confirms only the best `guard_tries` that improve there, on its own users.
+    step_patience: stop trying step sizes after this many in a row that do no better on
+    the query users than the best one before them (None: try them all).
     random_control: the same Newton step at the same η from as many random training
     samples (same weights), measured on the guard users: whether the selection or any step
     of that size moved the bias. "require" (default): the guard accepts a step only if the
@@ -127,6 +129,7 @@ class DebiasConfig:
     guard_confidence: float = 0.8
     step_sizes: tuple[float, ...] = STEP_SIZES
     guard_tries: int = 3
+    step_patience: int | None = 2
     random_control: str = "require"
     max_other_k_increase: float | None = None
     accuracy_k: int | None = None
@@ -143,6 +146,8 @@ class DebiasConfig:
         check_distinct(self.biases)
         if not self.step_sizes or any(not 0 < eta <= 4 for eta in self.step_sizes):
             raise InputError("step sizes must be in (0, 4]")
+        if self.step_patience is not None and self.step_patience < 1:
+            raise InputError("step_patience must be at least 1")
         if self.guard_tries < 1:
             raise InputError("guard_tries must be at least 1")
         if not 0 <= self.max_ndcg_drop < 1:

@@ -345,6 +345,41 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     assert not torch.allclose(repaired_logits, original_logits)
 
 
+@pytest.mark.parametrize(
+    ("patience", "tried"),
+    [(2, [1.0, 0.5, 0.25, 0.125, 1 / 16]), (None, [1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 32])],
+)
+def test_the_step_search_stops_after_sizes_worse_than_its_best(
+    patience: int | None, tried: list[float]
+) -> None:
+    """Largest first: the overshooting sizes do not stop the search, a minimum followed by
+    `step_patience` worse sizes does, and every size tried is reported best first."""
+    from types import SimpleNamespace
+
+    from fudlr.control import Control
+
+    label = "item:popularity_group:MGU@5"
+    # relative bias change on the query users at each η: overshoot, one minimum, fading
+    changes = {1.0: 0.3, 0.5: -0.1, 0.25: -0.4, 0.125: -0.2, 1 / 16: -0.1, 1 / 32: -0.05}
+    job = DebiasJob.__new__(DebiasJob)
+    job.config = DebiasConfig(
+        biases=(BiasSpec.parse(label),), step_sizes=tuple(changes), step_patience=patience
+    )
+    job.control, job.timings, job._clock = Control(), {}, 0.0
+    applied: list[float] = []
+    patcher = SimpleNamespace(apply=applied.append, restore=lambda: None)
+    job.measure = lambda split, rows: SimpleNamespace(
+        biases={label: 1.0 + changes[applied[-1]]}, ndcg=0.1
+    )
+    job._share_changes = lambda before, after, predicted, eta: {}
+    job.query_rows = []
+    before = SimpleNamespace(biases={label: 1.0}, ndcg=0.1)
+    trials = job.rank_step_sizes(patcher, before, {})
+    assert applied == tried
+    assert [trial["eta"] for trial in trials][:3] == [0.25, 0.125, 0.5]
+    assert trials[0]["improves"] and not trials[-1]["improves"]
+
+
 def test_the_guard_weighs_a_change_against_the_guard_users_noise(tiny_bundle: Path) -> None:
     """Paired bootstrap over users: no change is never a reduction, a change for every user
     always is, and a change for one user of 12 depends on that user being resampled."""
