@@ -34,6 +34,7 @@ from fudlr.fairness.groups import Groups
 from fudlr.influence.gradients import compute_sample_gradients
 from fudlr.influence.layout import ParameterLayout
 from fudlr.influence.tracker import GradientTracker, LoraLinear
+from fudlr.models.device import autocast
 from fudlr.recommender.encoding import encode_completion, encode_sample
 from fudlr.recommender.scoring import encode_prefix, score_candidates, score_completions
 
@@ -161,16 +162,20 @@ def calibrate_temperature(
     completions: dict[str, str],
     measured: torch.Tensor,
     grid: Sequence[float] = TEMPERATURES,
+    precision: str = "fp32",
 ) -> tuple[float, dict[float, float]]:
     """The temperature whose surrogate shares come nearest (L1) to `measured`, the hard
-    GP@K of the same users, with the distance at every temperature tried.
+    GP@K of the same users, with the distance at every temperature tried. `precision`:
+    of the scoring pass (bf16 autocast where the decoding that measured GP@K used it: it
+    only picks a temperature from the grid).
 
     How peaked a model's distribution over titles is depends on the model: a fine-tuned
     LLM puts its mass on a few titles, which decoding then picks; a weak one spreads it
     over the catalog. The temperature at which the surrogate reproduces what decoding
     actually recommends is the one at which its gradient speaks about those recommendations.
     """
-    with torch.no_grad():
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device, precision):
         scores = [
             score_completions(model, tokenizer, row.prompt, [completions[i] for i in pool.items])
             .float()

@@ -193,6 +193,7 @@ class DebiasJob:
                     pools,
                     self.bundle.item_completions(),
                     torch.tensor([measured[g] for g in groups.names]),
+                    precision=config.recommend.precision,
                 )
                 self.calibration[bias.label] = {"measured_GP": measured, "l1": distances}
                 self.control.event(f"{bias.label}: surrogate temperature {temperature:g}")

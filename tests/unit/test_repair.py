@@ -168,6 +168,32 @@ def test_each_query_is_the_mean_of_its_per_user_parts(
         assert 0 < len(members) < len(rows)
 
 
+def test_the_temperature_calibrated_in_bf16_matches_fp32(
+    tiny_model: Path, tiny_bundle: Path, tiny_adapter
+) -> None:
+    """A job decoding in bf16 calibrates its surrogate's temperature in bf16: the L1
+    distances at every temperature stay within bf16's rounding of the fp32 ones."""
+    from fudlr.fairness.surrogates import calibrate_temperature
+
+    bundle = Bundle.load(tiny_bundle)
+    rows = bundle.split("valid")
+    groups = item_groups(bundle.items, "popularity_group")
+    pools = sample_pools(rows, groups, per_stratum=2, seed=0)
+    model = load_adapter(load_base_model(tiny_model)[0], tiny_adapter[0])
+    tokenizer = load_base_model(tiny_model)[1]
+    measured = torch.tensor([0.1, 0.1, 0.2, 0.2, 0.4])
+    at = {
+        precision: calibrate_temperature(
+            model, tokenizer, rows, pools, bundle.item_completions(), measured, precision=precision
+        )[1]
+        for precision in ("fp32", "bf16")
+    }
+    assert set(at["bf16"]) == set(at["fp32"])
+    for temperature, distance in at["fp32"].items():
+        assert abs(at["bf16"][temperature] - distance) < 0.05, (temperature, at)
+    assert max(at["fp32"].values()) - min(at["fp32"].values()) > 0.05  # the grid matters
+
+
 def test_predicted_changes_track_retraining_without_the_removed_samples(
     tmp_path: Path, tiny_model: Path, tiny_bundle: Path
 ) -> None:
