@@ -70,7 +70,9 @@ class Budget(RequestModel):
 class Options(RequestModel):
     """query_users / guard_users: validation users behind the influence queries and the
     guard; test_users: measured before/after (null = all, 0 = skip); step_sizes: ranked
-    by the bias change on the query users, and the guard confirms the best `guard_tries`;
+    by the bias change on the query users (largest first, stopping after `step_patience`
+    sizes in a row worse than the best; null: all), and the guard confirms the best
+    `guard_tries`;
     anchored_pools: the items each query user's beams ground to in its pool; temperature:
     of the surrogate's recommendation distribution (null = calibrated); random_control:
     the same step from as many random samples, which the selection must beat ("require"),
@@ -100,6 +102,7 @@ class Options(RequestModel):
         max_length=16,
     )
     guard_tries: int = Field(3, ge=1, le=16)
+    step_patience: int | None = Field(2, ge=1, le=16)
     random_control: Literal["off", "report", "require"] = "require"
     seed: int = Field(0, ge=-INT32_MAX, le=INT32_MAX)
 
@@ -160,6 +163,7 @@ class JobSpec(RequestModel):
             temperature=options.temperature,
             step_sizes=tuple(options.step_sizes),
             guard_tries=options.guard_tries,
+            step_patience=options.step_patience,
             random_control=options.random_control,
             projection=options.projection,
             recommend=RecommendConfig(
