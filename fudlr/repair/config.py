@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
@@ -96,10 +97,12 @@ class DebiasConfig:
     temperature: of the surrogate's recommendation distribution; None = calibrated per job,
     the one at which the surrogate's shares best match the query users' measured GP@K.
     guard_users: validation users on which the guard measures the hard metrics (None =
-    all). max_ndcg_drop:
-    largest relative NDCG drop the guard accepts. guard_confidence: the guard accepts a
+    all). max_ndcg_drop: the accuracy budget, the largest relative drop of NDCG@accuracy_k
+    the guard accepts: a step is refused when the drop exceeds it in at least
+    guard_confidence of the bootstrap resamples. guard_confidence: the guard accepts a
     step only if, in a paired bootstrap over the guard users, the bias went down in at
-    least this fraction of resamples (0 = any measured reduction). step_sizes: η tried in
+    least this fraction of resamples (0 = any measured reduction, and any measured drop
+    beyond the budget refuses). step_sizes: η tried in
     order. guard_tries: how many of them the guard measures: the step sizes are first
     ranked by the hard bias change on the query users (decoded at θ + ηΔθ), and the guard
     confirms only the best `guard_tries` that improve there, on its own users.
@@ -110,7 +113,8 @@ class DebiasConfig:
     guard would otherwise accept); "report": measured after acceptance, not judged; "off".
     max_other_k_increase: largest relative increase of each bias at the other reported K
     (1, 5, 10) the guard accepts; None: measured and reported, not judged.
-    accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
+    accuracy_k: K of the NDCG the guard checks, whatever the biases' K (at most the
+    catalog's size). max_ndcg_drop is judged on it in the bias's paired bootstrap.
     test_users: test users measured before and after (None = all, 0 = skip the test split).
     projection: the gradient projection the job expects its index to store (None: whatever
     it stores); an index built with another one is refused, not silently used.
@@ -129,7 +133,7 @@ class DebiasConfig:
     guard_tries: int = 3
     random_control: str = "require"
     max_other_k_increase: float | None = None
-    accuracy_k: int | None = None
+    accuracy_k: int = 10
     test_users: int | None = None
     projection: Projection | None = None
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
@@ -147,6 +151,8 @@ class DebiasConfig:
             raise InputError("guard_tries must be at least 1")
         if not 0 <= self.max_ndcg_drop < 1:
             raise InputError("max_ndcg_drop must be in [0, 1)")
+        if self.accuracy_k < 1:
+            raise InputError("accuracy_k must be at least 1", field="accuracy_k")
         if not 0 <= self.guard_confidence < 1:
             raise InputError("guard_confidence must be in [0, 1)")
         if self.max_other_k_increase is not None and self.max_other_k_increase < 0:
@@ -175,7 +181,13 @@ class DebiasConfig:
 
     @property
     def k_for_accuracy(self) -> int:
-        return self.accuracy_k or max(bias.k for bias in self.biases)
+        """The K of the accuracy the guard judges (the name the pipeline reads)."""
+        return self.accuracy_k
+
+
+def default(name: str) -> Any:
+    """A DebiasConfig field's default, for the CLI's and the API's options to share."""
+    return next(item.default for item in fields(DebiasConfig) if item.name == name)
 
 
 def check_projection(stored: Projection, asked: Projection | None) -> None:
@@ -210,6 +222,11 @@ def check_job(bundle: Bundle, config: DebiasConfig) -> dict[str, Groups]:
             raise InputError(f"the {split} split is empty", file=bundle.root / f"{split}.jsonl")
     if config.test_users != 0 and not bundle.split("test"):
         raise InputError("the test split is empty", file=bundle.root / "test.jsonl")
+    if config.accuracy_k > len(bundle.items):
+        raise InputError(
+            f"accuracy_k={config.accuracy_k} is larger than the catalog ({len(bundle.items)})",
+            field="accuracy_k",
+        )
     groups = {bias.label: bias.groups(bundle, "valid") for bias in config.biases}
     check_decodable(bundle, config.recommend)
     return groups

@@ -564,6 +564,7 @@ class DebiasJob:
         """All stages; writes out_dir/adapter only on success, out_dir/report.json also when
         nothing is selected or the guard rejects every step (status "rejected", no eta)."""
         from fudlr.repair.guard import (
+            accuracy_check,
             beats_control,
             bootstrap_no_reduction,
             other_k_check,
@@ -607,18 +608,26 @@ class DebiasJob:
             no_reduction = bootstrap_no_reduction(
                 self.bundle, "valid", self.guard_rows, before, after, config.biases, config.seed
             )
-            ok, reason = verdict(
+            accuracy = accuracy_check(
+                self.guard_rows,
                 before,
                 after,
-                config.biases,
                 config.max_ndcg_drop,
-                no_reduction,
                 config.guard_confidence,
+                config.seed,
+            )
+            ok, reason = verdict(
+                before, after, config.biases, accuracy, no_reduction, config.guard_confidence
             )
             if ok and config.max_other_k_increase is not None:
                 ok, other = other_k_check(before, after, config.biases, config.max_other_k_increase)
                 reason = reason if ok else other
-            attempt = {"eta": eta, "p_not_reduced": no_reduction, **after.summary()}
+            attempt = {
+                "eta": eta,
+                "p_not_reduced": no_reduction,
+                "accuracy": accuracy.describe(),
+                **after.summary(),
+            }
             if ok and config.random_control == "require":
                 self._lap("guard")
                 control = self.random_control((patcher, random_patcher), eta, before, after)
@@ -659,6 +668,8 @@ class DebiasJob:
             self._lap("measure test")
 
         report = self._report(quantities, scores, selection, metrics, attempts, eta)
+        # the published step's accuracy judgement (`resolved`: whether its budget could be)
+        report["accuracy"] = attempts[-1]["accuracy"]
         report["random_control"] = control and _control_summary(control, len(selection.indices))
         report["surrogate_tracking"] = self.surrogate_tracking(quantities, before, after)
         provenance = {
