@@ -84,6 +84,12 @@ def debias(
         help="The gradient projection the index must store (eigenbasis, dense); "
         "default: whatever it stores.",
     ),
+    drop_unmeasurable: bool = typer.Option(
+        default("drop_unmeasurable"),
+        "--drop-unmeasurable",
+        help="Run on the biases the guard users can measure and report the others, instead "
+        "of failing.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Find the training samples behind a bias and unlearn them from the LoRA weights."""
@@ -109,6 +115,7 @@ def debias(
         test_users=test_users,
         max_ndcg_drop=max_ndcg_drop,
         accuracy_k=accuracy_k,
+        drop_unmeasurable=drop_unmeasurable,
         guard_confidence=guard_confidence,
         pool_per_group=pool_per_group,
         anchored_pools=anchored_pools,
@@ -189,10 +196,10 @@ def result_table(report: dict) -> Table:
 
 def guard_notes(report: dict) -> list[str]:
     """What the table leaves out: the accepted step's accuracy judgement, saying so when
-    its budget was unresolved."""
+    its budget was unresolved, and the biases dropped because they could not be measured."""
     from fudlr.repair.guard import AccuracyCheck
 
-    notes = []
+    notes = [f"dropped {entry['bias']}: {entry['reason']}" for entry in report["dropped_biases"]]
     if report.get("accuracy"):
         accuracy = AccuracyCheck(**report["accuracy"])
         notes.append(f"accuracy on the guard users: {accuracy.explain()}")

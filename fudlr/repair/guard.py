@@ -372,6 +372,22 @@ def verdict(
     return True, f"bias change {change:+.1%} ({noise}), {accuracy.explain()}"
 
 
+def unmeasured_utility(before: Measurement, biases: Sequence[BiasSpec]) -> dict[str, str]:
+    """User biases (label -> why) with a group whose guard users all have NDCG@K = 0: its
+    side of the gap has no signal, so the gap measures only the other groups, and a step
+    could only be seen to close it by taking hits from them."""
+    reasons = {}
+    for bias in biases:
+        if bias.side == "user":
+            empty = [g for g, value in before.groups[bias.label]["NDCG"].items() if value == 0]
+            if empty:
+                reasons[bias.label] = (
+                    f"user group(s) {', '.join(empty)} have NDCG@{bias.k} = 0 for every one of "
+                    "their guard users (no hit to measure a gap by)"
+                )
+    return reasons
+
+
 def other_k_check(
     before: Measurement, after: Measurement, biases: Sequence[BiasSpec], max_increase: float
 ) -> tuple[bool, str]:

@@ -24,7 +24,15 @@ from fudlr.errors import FudlrError, InputError
 from fudlr.fairness.metrics import group_shares
 from fudlr.fairness.surrogates import Quantities
 from fudlr.recommender.recommend import Decoding, Ranked
-from fudlr.repair.config import DebiasConfig, check_job, check_projection, subset
+from fudlr.repair.config import (
+    DebiasConfig,
+    check_job,
+    check_projection,
+    guard_subset,
+    screened,
+    subset,
+    unmeasurable_in_data,
+)
 from fudlr.repair.guard import Measurement
 from fudlr.repair.mask import FairnessTarget, Selection, learn_mask
 from fudlr.repair.unlearn import WeightPatcher
@@ -73,6 +81,11 @@ class DebiasJob:
         self.step_search: list[dict] = []  # every η on the query users, best first (run())
         self._clock = time.perf_counter()
         self.groups = check_job(bundle, config)
+        # biases the guard users cannot measure: refused by check_job, or dropped here
+        config, self.dropped = screened(config, unmeasurable_in_data(bundle, config, self.groups))
+        self.config = config
+        for dropped in self.dropped:
+            self.control.event(f"dropped {dropped['bias']}: {dropped['reason']}")
         self.samples = training_samples(bundle, adapter_dir)
         self.index = TrainingIndex.load(
             index_dir,
@@ -91,7 +104,7 @@ class DebiasJob:
         self.layout = self.index.layout
         valid = bundle.split("valid")
         self.query_rows = subset(valid, config.query_users, config.seed)
-        self.guard_rows = subset(valid, config.guard_users, config.seed + 1)
+        self.guard_rows = guard_subset(bundle, config)
         self._lap("load")
 
     def _lap(self, stage: str) -> None:
@@ -146,6 +159,29 @@ class DebiasJob:
             )
 
         return cached_measure(cache_dir() / "measurements", key, compute)
+
+    def measurable(self, before: Measurement) -> Measurement:
+        """The guard users' original measurement on the biases it can measure: a user bias
+        with a group that has no hit among them is refused, or dropped where the job allows
+        (then measured again from the same lists, without it)."""
+        from fudlr.repair.guard import measurement_of, unmeasured_utility
+
+        reasons = unmeasured_utility(before, self.config.biases)
+        if not reasons:
+            return before
+        self.config, dropped = screened(self.config, reasons)
+        self.dropped += dropped
+        for entry in dropped:
+            self.control.event(f"dropped {entry['bias']}: {entry['reason']}")
+        return measurement_of(
+            self.bundle,
+            "valid",
+            self.guard_rows,
+            before.top_lists,
+            self.config.biases,
+            self.config.k_for_accuracy,
+            before.exact_matches,
+        )
 
     def queries(self) -> tuple[Quantities, dict[str, torch.Tensor]]:
         """Every linearised quantity with its gradient, and each item attribute's GH target."""
@@ -572,9 +608,9 @@ class DebiasJob:
         )
         from fudlr.repair.unlearn import save_patched_adapter
 
-        config = self.config
         self.control.event(f"measuring the recommender on {len(self.guard_rows)} validation users")
-        before = self.measure_original("valid", self.guard_rows)
+        before = self.measurable(self.measure_original("valid", self.guard_rows))
+        config = self.config  # without the biases it could not measure
         self._lap("measure before")
         quantities, history = self.queries()
         scores, user_marginals = self.scores(quantities, history)
@@ -717,6 +753,7 @@ class DebiasJob:
         return {
             "status": "succeeded",
             "biases": [bias.label for bias in self.config.biases],
+            "dropped_biases": self.dropped,
             "config": asdict(self.config),
             "training_samples": self.index.samples,
             "eta": eta,

@@ -1,24 +1,41 @@
-"""The guard's accuracy check.
+"""The guard's accuracy check and its refusal of biases it cannot measure.
 
 Accuracy is judged like the bias, in a paired bootstrap over the guard users: a drop the
-users' noise explains passes, a real one is refused, and a budget too fine for the users'
-hits is reported as unresolved.
+users' noise explains passes, a real one is refused, and a budget smaller than one user's
+hit is reported as unresolved. Biases without signal on the guard users fail the job
+before any compute (CLI: one line; the API's refusal is in tests/integration/test_api.py),
+unless the job may drop them.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
+from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
 from fudlr.fairness.bootstrap import resampled_users
+from fudlr.fairness.groups import user_groups
 from fudlr.fairness.metrics import ndcg_at_k
+from fudlr.repair.config import (
+    DebiasConfig,
+    UnmeasurableBias,
+    check_job,
+    screened,
+    unmeasurable_in_data,
+)
 from fudlr.repair.guard import (
     Measurement,
     accuracy_check,
+    measurement_of,
     resolves,
+    unmeasured_utility,
     verdict,
 )
 from fudlr.repair.spec import BiasSpec
+from tests.conftest import run_cli
 
 K, BUDGET, CONFIDENCE = 10, 0.05, 0.8
 BIAS = BiasSpec.parse("item:popularity_group:MGU@5")
@@ -113,3 +130,128 @@ def test_accuracy_is_judged_on_the_bias_bootstraps_resamples() -> None:
         over += was > 0 and (was - now) / was > BUDGET
     assert check.p_over_budget == over / 200
     assert list(resampled_users(rows, 3, 2)) == list(resampled_users(rows, 3, 2))
+
+
+def test_biases_the_guard_users_cannot_measure(tiny_bundle: Path) -> None:
+    bundle = Bundle.load(tiny_bundle)
+    genres = BiasSpec.parse("item:genres:MGU@5")  # no tiny validation history has a Mystery
+    config = DebiasConfig(biases=(BIAS, genres))
+    groups = {bias.label: bias.groups(bundle, "valid") for bias in config.biases}
+    reasons = unmeasurable_in_data(bundle, config, groups)
+    assert list(reasons) == [genres.label] and "Mystery" in reasons[genres.label]
+    with pytest.raises(UnmeasurableBias, match="bias item:genres:MGU@5 cannot be measured") as e:
+        check_job(bundle, config)
+    assert e.value.position == 1
+    kept, dropped = screened(DebiasConfig(biases=(BIAS, genres), drop_unmeasurable=True), reasons)
+    assert kept.biases == (BIAS,) and dropped == [
+        {"bias": genres.label, "reason": reasons[genres.label]}
+    ]
+    with pytest.raises(UnmeasurableBias, match="no other bias is left"):
+        check_job(bundle, DebiasConfig(biases=(genres,), drop_unmeasurable=True))
+
+    # a user group without a hit among the guard users: known only once they are measured
+    rows = bundle.split("valid")
+    gender = BiasSpec.parse("user:gender:NDCG@5")
+    of = user_groups(bundle.users, "gender")
+    catalog = list(bundle.items)
+
+    def measured(hit_genders: set[str]) -> Measurement:
+        lists = {}
+        for row in rows:
+            others = [i for i in catalog if i != row.target][:K]
+            hit = set(of.of(row.user_id)) & hit_genders
+            lists[row.user_id] = ([row.target] if hit else []) + others
+        return measurement_of(bundle, "valid", rows, lists, (BIAS, gender), K, 0)
+
+    assert unmeasured_utility(measured({"F", "M"}), (BIAS, gender)) == {}
+    reasons = unmeasured_utility(measured({"M"}), (BIAS, gender))
+    assert (
+        list(reasons) == [gender.label]
+        and "user group(s) F have NDCG@5 = 0" in reasons[gender.label]
+    )
+
+
+def test_an_unmeasurable_bias_is_one_cli_line(
+    tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = [f"--{name}={tmp_path / name}" for name in ("base-model", "adapter", "out")]
+    args = ["debias", *paths, f"--bundle={tiny_bundle}", f"--bias={BIAS.label}"]
+    code, _, err = run_cli([*args, "--bias=item:genres:MGU@5"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: bias item:genres:MGU@5 cannot be measured: item group(s) Mystery are absent"
+    ), lines
+    assert "--drop-unmeasurable" in lines[0]
+    code, _, err = run_cli(
+        [
+            "debias",
+            *paths,
+            f"--bundle={tiny_bundle}",
+            "--bias=item:genres:MGU@5",
+            "--drop-unmeasurable",
+        ],
+        capsys,
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no other bias" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_drop_unmeasurable_runs_the_job_on_the_other_biases(
+    tmp_path: Path, tiny_model: Path, tiny_bundle: Path, tiny_adapter
+) -> None:
+    from fudlr.influence.index import IndexConfig, build_index
+    from fudlr.repair.pipeline import DebiasJob, RepairRejected
+
+    bundle = Bundle.load(tiny_bundle)
+    build_index(tiny_model, tiny_adapter[0], bundle, tmp_path / "index", IndexConfig(), "cpu")
+    popularity, genres = (
+        BiasSpec.parse("item:popularity_group:MGU@1"),
+        BiasSpec.parse("item:genres:MGU@1"),
+    )
+    config = DebiasConfig(
+        biases=(popularity, genres),
+        drop_unmeasurable=True,
+        step_sizes=(1.0,),
+        random_control="off",
+        test_users=0,
+    )
+    job = DebiasJob(tiny_model, tiny_adapter[0], bundle, tmp_path / "index", config, "cpu")
+    assert job.config.biases == (popularity,)
+    try:
+        report = job.run(tmp_path / "out")
+    except RepairRejected as rejected:  # a random tiny adapter need not be repairable
+        report = rejected.report
+    assert report["biases"] == [popularity.label]
+    assert [entry["bias"] for entry in report["dropped_biases"]] == [genres.label]
+    assert "Mystery" in report["dropped_biases"][0]["reason"]
+    # it went on: the queries and the mask ran for the bias that remains, and only for it
+    assert any(name.startswith(f"{popularity.label}:share:") for name in report["surrogates"])
+    assert not any(name.startswith(genres.label) for name in report["surrogates"])
+    assert report["seconds"]["scores"] > 0 and report["seconds"]["mask"] > 0
+
+    # a user group with no hit among the guard users, found once they are measured
+    gender = BiasSpec.parse("user:gender:NDCG@5")
+    config = DebiasConfig(biases=(popularity, gender), drop_unmeasurable=True, test_users=0)
+    job = DebiasJob(tiny_model, tiny_adapter[0], bundle, tmp_path / "index", config, "cpu")
+    rows = job.guard_rows
+    of = user_groups(bundle.users, "gender")
+    lists = {
+        row.user_id: ([row.target] if "M" in of.of(row.user_id) else [])
+        + [i for i in bundle.items if i != row.target][:K]
+        for row in rows
+    }
+    before = measurement_of(bundle, "valid", rows, lists, config.biases, K, 0)
+    measured = job.measurable(before)
+    assert job.config.biases == (popularity,) and list(measured.biases) == [popularity.label]
+    assert [entry["bias"] for entry in job.dropped] == [gender.label]
+    strict = DebiasJob(
+        tiny_model,
+        tiny_adapter[0],
+        bundle,
+        tmp_path / "index",
+        replace(config, drop_unmeasurable=False),
+        "cpu",
+    )
+    with pytest.raises(UnmeasurableBias, match="user group\\(s\\) F have NDCG@5 = 0"):
+        strict.measurable(before)

@@ -281,6 +281,7 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     assert accuracy["low"] <= accuracy["drop"] <= accuracy["high"]
     assert accuracy["hits_before"] == round(valid["before"]["HR@10"] * valid["before"]["users"])
     assert guard_notes(report)[-1].startswith("accuracy on the guard users: NDCG@10 drop")
+    assert report["dropped_biases"] == []
     tracking = report["surrogate_tracking"][label]
     print(f"surrogate tracking: {tracking}")
     assert set(tracking["surrogate_share_change"]) == {"0", "1", "2", "3", "4"}
