@@ -36,7 +36,7 @@ def debias(
         "(refused when exceeded in --guard-confidence of the bootstrap resamples).",
     ),
     accuracy_k: int = typer.Option(
-        default("accuracy_k"), min=1, help="K of the NDCG the guard checks (any bias's K)."
+        default("accuracy_k"), min=1, help="K of the NDCG the guard checks, whatever the biases' K."
     ),
     guard_confidence: float = typer.Option(
         0.8, help="Bootstrap probability over guard users that the bias went down (0 = any drop)."
