@@ -199,7 +199,9 @@ def guard_notes(report: dict) -> list[str]:
     its budget was unresolved, and the biases dropped because they could not be measured."""
     from fudlr.repair.guard import AccuracyCheck
 
-    notes = [f"dropped {entry['bias']}: {entry['reason']}" for entry in report["dropped_biases"]]
+    notes = [
+        f"dropped {entry['bias']}: {entry['reason']}" for entry in report.get("dropped_biases", [])
+    ]
     if report.get("accuracy"):
         accuracy = AccuracyCheck(**report["accuracy"])
         notes.append(f"accuracy on the guard users: {accuracy.explain()}")
