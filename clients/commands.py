@@ -22,6 +22,7 @@ from rich.table import Table
 
 from fudlr.console import console
 from fudlr.errors import FudlrError
+from fudlr.repair.config import default
 
 if TYPE_CHECKING:
     from clients.models import JobOut
@@ -194,7 +195,12 @@ def submit(
     version: int = typer.Option(None, help="Version to repair (default: the latest)."),
     max_fraction: float = typer.Option(None, help="Most training samples unlearned (fraction)."),
     max_loss_increase: float = typer.Option(None, help="Largest predicted valid-loss increase."),
-    max_ndcg_drop: float = typer.Option(None, help="Largest relative NDCG drop accepted."),
+    max_ndcg_drop: float = typer.Option(
+        None, help="Accuracy budget: largest relative drop of NDCG@accuracy-k accepted."
+    ),
+    accuracy_k: int = typer.Option(
+        None, min=1, help=f"K of the NDCG the guard checks (default: {default('accuracy_k')})."
+    ),
     eligibility: str = typer.Option(
         None, help="selection (beat random samples on held-out users) or samples (each alone)."
     ),
@@ -211,6 +217,11 @@ def submit(
     option: list[str] = typer.Option(
         [], help="Job option KEY=VALUE (query_users, guard_users, num_beams, ...); repeatable."
     ),
+    drop_unmeasurable: bool = typer.Option(
+        False,
+        "--drop-unmeasurable",
+        help="Run on the biases the guard users can measure and report the others.",
+    ),
     idempotency_key: str = typer.Option(None, help="Resubmitting with it returns the same job."),
     wait: bool = typer.Option(False, help="Wait for the job, with a progress bar."),
 ) -> None:
@@ -221,6 +232,7 @@ def submit(
             ("max_fraction", max_fraction),
             ("max_loss_increase", max_loss_increase),
             ("max_ndcg_drop", max_ndcg_drop),
+            ("accuracy_k", accuracy_k),
             ("eligibility", eligibility),
             ("fdr", fdr),
             ("guard_confidence", guard_confidence),
@@ -229,8 +241,11 @@ def submit(
         )
         if value is not None
     }
+    options = _options(option)
+    if drop_unmeasurable:
+        options["drop_unmeasurable"] = True
     with _client() as client:
-        job = client.submit(recommender, bias, version, budget, _options(option), idempotency_key)
+        job = client.submit(recommender, bias, version, budget, options, idempotency_key)
         info.print(f"job {job.id}: {job.state} (version {job.version}, {', '.join(job.biases)})")
         if wait:
             _finish(client, client.wait(job.id))
@@ -315,9 +330,12 @@ def _size(count: int) -> str:
 
 
 def _finish(client: Client, job: JobOut) -> None:
-    from fudlr.repair.cli import result_table
+    from fudlr.repair.cli import guard_notes, result_table
 
-    console.print(result_table(client.report(job.id)))
+    report = client.report(job.id)
+    console.print(result_table(report))
+    for line in guard_notes(report):
+        console.print(line)
     console.print(f"job {job.id} succeeded: version {job.result_version}")
 
 
@@ -347,6 +365,12 @@ def job_table(job: JobOut) -> Table:
                     f"{metrics.predicted[f'{label}:after']:.4f})",
                 )
             )
+    if metrics.accuracy:
+        from fudlr.repair.guard import AccuracyCheck
+
+        rows.append(("accuracy", AccuracyCheck(**metrics.accuracy).explain()))
+    for entry in metrics.dropped_biases or []:
+        rows.append((f"dropped {entry['bias']}", entry["reason"]))
     for key, value in rows:
         table.add_row(key, str(value))
     return table

@@ -5,9 +5,11 @@ Clients branch on `code`, never on `detail`. Input errors add where they are: `f
 
 Codes: invalid_json, unauthorized, not_found, method_not_allowed, validation_error,
 payload_too_large, invalid_data, invalid_archive, unsafe_archive, unsafe_weights,
-invalid_adapter, invalid_base_model, adapter_mismatch, invalid_bias, wrong_purpose,
-version_not_ready, idempotency_conflict, job_finished, report_unavailable,
-range_not_satisfiable, quota_exceeded, in_use, overloaded, not_ready, internal_error.
+invalid_adapter, invalid_base_model, adapter_mismatch, invalid_bias, unmeasurable_bias,
+not_decodable, index_mismatch, wrong_purpose, version_not_ready, idempotency_conflict,
+job_finished, report_unavailable, range_not_satisfiable, quota_exceeded, in_use,
+overloaded, not_ready, internal_error. A failed job's `error.code` is one of
+repair_rejected, unmeasurable_bias, invalid_input, failed, internal_error, worker_lost.
 """
 
 from __future__ import annotations

@@ -82,6 +82,8 @@ class Runtime:
                 # a rejected repair keeps its report: what was selected, every guard attempt
                 found = getattr(error, "report", None)
                 extra = {"report": found} if found is not None else {}
+                if found and found.get("dropped_biases"):
+                    extra["metrics"] = {"dropped_biases": found["dropped_biases"]}
                 self._end(lease, "failed", f"failed: {problem['detail']}", error=problem, **extra)
             except Exception as error:
                 log.exception("%s %s crashed", model.__name__, subject_id)
@@ -199,6 +201,8 @@ class Runtime:
             "predicted": report["predicted"],
             "after": report["metrics"]["valid"]["after"],
             "test": report["metrics"].get("test"),
+            "accuracy": report["accuracy"],
+            "dropped_biases": report["dropped_biases"],
         }
         with store.staging() as staging:
             archive = staging / "adapter.tar.gz"
@@ -299,10 +303,17 @@ def _built(index: Path, base_dir: Path, adapter: Path, config: Any) -> bool:
 
 def _error(error: FudlrError) -> dict[str, Any]:
     """A failed row's `error`: a stable code, the reason, where (file name only)."""
+    from fudlr.repair.config import UnmeasurableBias
     from fudlr.repair.pipeline import RepairRejected
 
     if isinstance(error, RepairRejected):
         return {"code": "repair_rejected", "detail": str(error)}
+    if isinstance(error, UnmeasurableBias):
+        return {
+            "code": "unmeasurable_bias",
+            "detail": error.reason,
+            "field": f"biases.{error.position}",
+        }
     if isinstance(error, InputError):
         where = {
             "file": Path(error.file).name if error.file else None,

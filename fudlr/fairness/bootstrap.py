@@ -8,8 +8,12 @@ hundred users, so a rate without this interval says little.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+Row = TypeVar("Row")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,15 @@ class PairedDifference:
 
     def describe(self) -> dict[str, float | int]:
         return asdict(self)
+
+
+def resampled_users(rows: Sequence[Row], seed: int, resamples: int) -> Iterator[list[Row]]:
+    """Bootstrap resamples of the users (with replacement, as many as there are), the same
+    sequence for a given seed: every metric judged on the same seed sees the same resamples,
+    before and after alike, so their noise is compared like for like."""
+    rng = random.Random(seed)
+    for _ in range(resamples):
+        yield rng.choices(rows, k=len(rows))
 
 
 def paired_difference(

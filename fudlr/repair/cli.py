@@ -10,6 +10,7 @@ from rich.table import Table
 from fudlr.console import console, progress_bar
 from fudlr.influence.projection import Projection
 from fudlr.recommender.recommend import Decoding
+from fudlr.repair.config import default
 
 
 def debias(
@@ -29,7 +30,14 @@ def debias(
     max_loss_increase: float = typer.Option(
         0.02, help="Largest predicted relative increase of the validation loss."
     ),
-    max_ndcg_drop: float = typer.Option(0.05, help="Largest relative NDCG drop the guard accepts."),
+    max_ndcg_drop: float = typer.Option(
+        0.05,
+        help="Accuracy budget: the largest relative drop of NDCG@accuracy-k the guard accepts "
+        "(refused when exceeded in --guard-confidence of the bootstrap resamples).",
+    ),
+    accuracy_k: int = typer.Option(
+        default("accuracy_k"), min=1, help="K of the NDCG the guard checks, whatever the biases' K."
+    ),
     guard_confidence: float = typer.Option(
         0.8, help="Bootstrap probability over guard users that the bias went down (0 = any drop)."
     ),
@@ -76,6 +84,12 @@ def debias(
         help="The gradient projection the index must store (eigenbasis, dense); "
         "default: whatever it stores.",
     ),
+    drop_unmeasurable: bool = typer.Option(
+        default("drop_unmeasurable"),
+        "--drop-unmeasurable",
+        help="Run on the biases the guard users can measure and report the others, instead "
+        "of failing.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Find the training samples behind a bias and unlearn them from the LoRA weights."""
@@ -100,6 +114,8 @@ def debias(
         guard_users=guard_users,
         test_users=test_users,
         max_ndcg_drop=max_ndcg_drop,
+        accuracy_k=accuracy_k,
+        drop_unmeasurable=drop_unmeasurable,
         guard_confidence=guard_confidence,
         pool_per_group=pool_per_group,
         anchored_pools=anchored_pools,
@@ -123,6 +139,8 @@ def debias(
             build_index(base_model, adapter, data, index, device=device, control=control)
         report = DebiasJob(base_model, adapter, data, index, config, device, control).run(out)
     console.print(result_table(report))
+    for line in guard_notes(report):
+        console.print(line)
     random_control = report["random_control"]
     if random_control is not None:
         console.print(
@@ -174,3 +192,17 @@ def result_table(report: dict) -> Table:
             cells += [f"{metrics[w][key]:.4f}" for w in ("before", "after")]
         table.add_row(key, *cells)
     return table
+
+
+def guard_notes(report: dict) -> list[str]:
+    """What the table leaves out: the accepted step's accuracy judgement, saying so when
+    its budget was unresolved, and the biases dropped because they could not be measured."""
+    from fudlr.repair.guard import AccuracyCheck
+
+    notes = [
+        f"dropped {entry['bias']}: {entry['reason']}" for entry in report.get("dropped_biases", [])
+    ]
+    if report.get("accuracy"):
+        accuracy = AccuracyCheck(**report["accuracy"])
+        notes.append(f"accuracy on the guard users: {accuracy.explain()}")
+    return notes

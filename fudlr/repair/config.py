@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
@@ -96,11 +97,13 @@ class DebiasConfig:
     temperature: of the surrogate's recommendation distribution; None = calibrated per job,
     the one at which the surrogate's shares best match the query users' measured GP@K.
     guard_users: validation users on which the guard measures the hard metrics (None =
-    all). max_ndcg_drop:
-    largest relative NDCG drop the guard accepts. guard_confidence: the guard accepts a
+    all). max_ndcg_drop: the accuracy budget, the largest relative drop of NDCG@accuracy_k
+    the guard accepts: a step is refused when the drop exceeds it in at least
+    guard_confidence of the bootstrap resamples. guard_confidence: the guard accepts a
     step only if, in a paired bootstrap over the guard users, the bias went down in at
-    least this fraction of resamples (0 = any measured reduction). step_sizes: η tried in
-    order. guard_tries: how many of them the guard measures: the step sizes are first
+    least this fraction of resamples (0 = any measured reduction, and any measured drop
+    beyond the budget refuses). step_sizes: η tried in order. guard_tries: how many of
+    them the guard measures: the step sizes are first
     ranked by the hard bias change on the query users (decoded at θ + ηΔθ), and the guard
     confirms only the best `guard_tries` that improve there, on its own users.
     step_patience: stop trying step sizes after this many in a row that do no better on
@@ -112,7 +115,11 @@ class DebiasConfig:
     guard would otherwise accept); "report": measured after acceptance, not judged; "off".
     max_other_k_increase: largest relative increase of each bias at the other reported K
     (1, 5, 10) the guard accepts; None: measured and reported, not judged.
-    accuracy_k: K of the NDCG the guard checks (default: largest K among the biases).
+    accuracy_k: K of the NDCG the guard checks, whatever the biases' K (at most the
+    catalog's size). max_ndcg_drop is judged on it in the bias's paired bootstrap.
+    drop_unmeasurable: a bias the guard users cannot measure (a user group with none of
+    them or with no hit among them, an item group absent from their histories) fails the
+    job up front; with this, the job runs on the others and reports the dropped ones.
     test_users: test users measured before and after (None = all, 0 = skip the test split).
     projection: the gradient projection the job expects its index to store (None: whatever
     it stores); an index built with another one is refused, not silently used.
@@ -132,7 +139,8 @@ class DebiasConfig:
     step_patience: int | None = 2
     random_control: str = "require"
     max_other_k_increase: float | None = None
-    accuracy_k: int | None = None
+    accuracy_k: int = 10
+    drop_unmeasurable: bool = False
     test_users: int | None = None
     projection: Projection | None = None
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
@@ -152,6 +160,8 @@ class DebiasConfig:
             raise InputError("guard_tries must be at least 1")
         if not 0 <= self.max_ndcg_drop < 1:
             raise InputError("max_ndcg_drop must be in [0, 1)")
+        if self.accuracy_k < 1:
+            raise InputError("accuracy_k must be at least 1", field="accuracy_k")
         if not 0 <= self.guard_confidence < 1:
             raise InputError("guard_confidence must be in [0, 1)")
         if self.max_other_k_increase is not None and self.max_other_k_increase < 0:
@@ -180,7 +190,13 @@ class DebiasConfig:
 
     @property
     def k_for_accuracy(self) -> int:
-        return self.accuracy_k or max(bias.k for bias in self.biases)
+        """The K of the accuracy the guard judges (the name the pipeline reads)."""
+        return self.accuracy_k
+
+
+def default(name: str) -> Any:
+    """A DebiasConfig field's default, for the CLI's and the API's options to share."""
+    return next(item.default for item in fields(DebiasConfig) if item.name == name)
 
 
 def check_projection(stored: Projection, asked: Projection | None) -> None:
@@ -208,13 +224,87 @@ def subset(rows: Sequence[SampleRow], count: int | None, seed: int) -> list[Samp
     return [rows[index] for index in chosen]
 
 
+def guard_subset(bundle: Bundle, config: DebiasConfig) -> list[SampleRow]:
+    """The validation users the guard measures (the same wherever the job is checked)."""
+    return subset(bundle.split("valid"), config.guard_users, config.seed + 1)
+
+
+class UnmeasurableBias(InputError):
+    """Biases the guard users cannot measure, with why (`reasons`: label -> reason);
+    `position`: the first one's index among the job's biases. No compute can repair or
+    judge a bias without signal, so the job fails before any."""
+
+    def __init__(self, reasons: dict[str, str], position: int, remaining: bool) -> None:
+        self.reasons, self.position = reasons, position
+        named = "; ".join(
+            f"bias {label} cannot be measured: {why}" for label, why in reasons.items()
+        )
+        hint = (
+            " (drop_unmeasurable, --drop-unmeasurable, runs the job on the other biases)"
+            if remaining
+            else " (no other bias is left to run)"
+        )
+        super().__init__(named + hint)
+
+
+def unmeasurable_in_data(
+    bundle: Bundle, config: DebiasConfig, groups: dict[str, Groups]
+) -> dict[str, str]:
+    """Biases (label -> why) the guard users' data cannot measure, before any decoding: a
+    user group with none of them (its utility is undefined), an item group absent from
+    their histories (GH = 0: no share of the histories for its recommendations to match)."""
+    rows = guard_subset(bundle, config)
+    reasons = {}
+    for bias in config.biases:
+        of = groups[bias.label]
+        if bias.side == "user":
+            present = {name for row in rows for name in of.of(row.user_id)}
+            missing = [name for name in of.names if name not in present]
+            problem = f"user group(s) {', '.join(missing)} have none of the {len(rows)} guard users"
+        else:
+            present = {name for row in rows for item in row.history for name in of.of(item)}
+            missing = [name for name in of.names if name not in present]
+            problem = (
+                f"item group(s) {', '.join(missing)} are absent from the {len(rows)} guard "
+                "users' histories (GH = 0)"
+            )
+        if missing:
+            reasons[bias.label] = problem
+    return reasons
+
+
+def screened(
+    config: DebiasConfig, reasons: dict[str, str]
+) -> tuple[DebiasConfig, list[dict[str, str]]]:
+    """The job on the biases that can be measured, and the dropped ones with why
+    ({"bias", "reason"}); raises UnmeasurableBias unless the job may drop them and one
+    remains."""
+    if not reasons:
+        return config, []
+    kept = tuple(bias for bias in config.biases if bias.label not in reasons)
+    if not config.drop_unmeasurable or not kept:
+        labels = [bias.label for bias in config.biases]
+        position = min(labels.index(label) for label in reasons)
+        raise UnmeasurableBias(reasons, position, remaining=bool(kept))
+    dropped = [{"bias": label, "reason": why} for label, why in reasons.items()]
+    return replace(config, biases=kept), dropped
+
+
 def check_job(bundle: Bundle, config: DebiasConfig) -> dict[str, Groups]:
-    """Every check that needs no model: specs against the bundle, the splits it uses."""
+    """Every check that needs no model: specs against the bundle, the splits it uses, and
+    whether the guard users' data can measure each bias (refused, or dropped where the
+    job allows)."""
     for split in ("train", "valid"):
         if not bundle.split(split):
             raise InputError(f"the {split} split is empty", file=bundle.root / f"{split}.jsonl")
     if config.test_users != 0 and not bundle.split("test"):
         raise InputError("the test split is empty", file=bundle.root / "test.jsonl")
+    if config.accuracy_k > len(bundle.items):
+        raise InputError(
+            f"accuracy_k={config.accuracy_k} is larger than the catalog ({len(bundle.items)})",
+            field="accuracy_k",
+        )
     groups = {bias.label: bias.groups(bundle, "valid") for bias in config.biases}
     check_decodable(bundle, config.recommend)
+    screened(config, unmeasurable_in_data(bundle, config, groups))
     return groups

@@ -2,26 +2,31 @@
 
 The guard is the last word: predictions choose the samples, but an adapter is published
 only if beam search + grounding on held-out users shows the bias went down and accuracy
-stayed within the job's tolerance. "Went down" is judged against the guard users' own
-noise: a paired bootstrap over users gives the probability that the bias did not go down,
-and a step is accepted only if that probability is at most 1 - `confidence`. A few hundred
-users leave a lot of noise in a group share, and trying several step sizes on the same
-users would otherwise publish chance improvements. And a reduction is the selection's
-only if it beats the same step taken from as many random samples (`beats_control`).
+stayed within the job's tolerance. Both are judged against the guard users' own noise, in
+the same paired bootstrap over users: a step is accepted only if the probability that the
+bias did not go down is at most 1 - `confidence`, and refused for accuracy only if the
+NDCG drop exceeds its budget in at least `confidence` of the resamples (a guardrail: it
+refuses when it is confident of harm). A few hundred users leave a lot of noise in a
+group share and a handful of hits, and trying several step sizes on the same users would
+otherwise publish chance improvements or refuse on one user's lost hit. And a reduction
+is the selection's only if it beats the same step taken from as many random samples
+(`beats_control`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SampleRow
-from fudlr.fairness.metrics import evaluate
+from fudlr.fairness.bootstrap import resampled_users
+from fudlr.fairness.metrics import evaluate, hit_at_k, ndcg_at_k
 from fudlr.recommender.recommend import RecommendConfig, Recommender
 from fudlr.repair.config import REPORTED_KS
 from fudlr.repair.spec import BiasSpec
@@ -226,10 +231,8 @@ def bootstrap_no_reduction(
     """The fraction of paired bootstrap resamples of the users (the same resample before and
     after) in which the weighted bias change is not negative."""
     ks = sorted({bias.k for bias in biases})  # the bootstrap judges the biases at their K
-    rng = random.Random(seed)
     not_reduced = 0
-    for _ in range(resamples):
-        resampled = rng.choices(rows, k=len(rows))
+    for resampled in resampled_users(rows, seed, resamples):
         values = [
             _bias_values(_reports(bundle, split, resampled, m.top_lists, biases, ks), biases)
             for m in (before, after)
@@ -243,19 +246,119 @@ def ndcg_drop(before: Measurement, after: Measurement) -> float:
     return (before.ndcg - after.ndcg) / before.ndcg if before.ndcg > 0 else 0.0
 
 
+# the central share of the resampled NDCG drops an accuracy check reports as its interval
+ACCURACY_INTERVAL = 0.9
+
+
+@dataclass(frozen=True)
+class AccuracyCheck:
+    """NDCG@`k` of the guard users before and after a step, the relative drop (> 0: less
+    accurate), its paired bootstrap interval [`low`, `high`] (`ACCURACY_INTERVAL`), the
+    share of resamples in which the drop exceeds `budget` (`p_over_budget`), the guard
+    users' hits before, and whether they can resolve the budget at all (`resolved`, see
+    `resolves`)."""
+
+    k: int
+    before: float
+    after: float
+    drop: float
+    low: float
+    high: float
+    p_over_budget: float
+    budget: float
+    hits_before: int
+    resolved: bool
+
+    def refuses(self, confidence: float) -> bool:
+        """Confident of harm: the drop exceeds the budget, and does so in at least
+        `confidence` of the resamples (0: the measured drop alone decides)."""
+        return self.drop > self.budget and self.p_over_budget >= confidence
+
+    def describe(self) -> dict[str, float | int | bool]:
+        return asdict(self)
+
+    def explain(self) -> str:
+        """One phrase for the verdict and the CLI: the drop, its interval and its noise."""
+        text = (
+            f"NDCG@{self.k} drop {self.drop:+.1%} ({ACCURACY_INTERVAL:.0%} interval "
+            f"[{self.low:+.1%}, {self.high:+.1%}], P(> {self.budget:.0%} budget) "
+            f"{self.p_over_budget:.2f})"
+        )
+        if not self.resolved:
+            text += (
+                f"; the accuracy budget is unresolved: {self.hits_before} hit(s) before are "
+                f"too few to tell a {self.budget:.0%} drop of NDCG@{self.k} from noise"
+            )
+        return text
+
+
+def resolves(hits: int, budget: float, confidence: float) -> bool:
+    """Whether `hits` (the guard users' hits before) can resolve a relative `budget`: one
+    lost hit stays within it, and losing twice the budget's worth of hits would be refused
+    at `confidence`. A step that loses L of h hits leaves about L ± sqrt(L) lost in a
+    resample, so it is refused when L - z·sqrt(L) ≥ budget·h (z: the normal quantile of
+    the confidence); at L = 2·budget·h that is budget·h ≥ 2z². With fewer hits the check
+    can refuse only drops several times the budget, or a single user decides."""
+    z = max(NormalDist().inv_cdf(confidence), 0.0) if confidence > 0 else 0.0
+    return hits * budget >= max(1.0, 2 * z * z)
+
+
+def accuracy_check(
+    rows: Sequence[SampleRow],
+    before: Measurement,
+    after: Measurement,
+    budget: float,
+    confidence: float,
+    seed: int = 0,
+    resamples: int = 200,
+) -> AccuracyCheck:
+    """The relative NDCG drop at the measurements' accuracy K, judged in the paired
+    bootstrap the bias is judged in (same seed, same resamples of the same users);
+    `confidence` (the guard's) decides only whether the budget is resolved."""
+    k = before.k
+
+    def gains(measurement: Measurement) -> dict[str, float]:
+        return {
+            row.sample_id: ndcg_at_k(measurement.top_lists[row.user_id], row.target, k)
+            for row in rows
+        }
+
+    was, now = gains(before), gains(after)
+    drops = []
+    for resampled in resampled_users(rows, seed, resamples):
+        total = sum(was[row.sample_id] for row in resampled)
+        lost = total - sum(now[row.sample_id] for row in resampled)
+        drops.append(lost / total if total > 0 else 0.0)
+    drops.sort()
+    tail = (1 - ACCURACY_INTERVAL) / 2
+    hits = sum(int(hit_at_k(before.top_lists[row.user_id], row.target, k)) for row in rows)
+    total = sum(was.values())
+    return AccuracyCheck(
+        k=k,
+        before=total / len(rows),
+        after=sum(now.values()) / len(rows),
+        drop=(total - sum(now.values())) / total if total > 0 else 0.0,
+        low=drops[math.floor(tail * (resamples - 1))],
+        high=drops[math.ceil((1 - tail) * (resamples - 1))],
+        p_over_budget=sum(drop > budget for drop in drops) / resamples,
+        budget=budget,
+        hits_before=hits,
+        resolved=resolves(hits, budget, confidence),
+    )
+
+
 def verdict(
     before: Measurement,
     after: Measurement,
     biases: Sequence[BiasSpec],
-    max_ndcg_drop: float,
+    accuracy: AccuracyCheck,
     no_reduction: float,
     confidence: float,
 ) -> tuple[bool, str]:
     """Accept when the weighted relative change of the biases is negative (fairer), the
-    bootstrap probability `no_reduction` that it is not is at most 1 - `confidence`, and the
-    relative NDCG drop is within `max_ndcg_drop`; say why otherwise."""
+    bootstrap probability `no_reduction` that it is not is at most 1 - `confidence`, and
+    `accuracy` is not confident the NDCG drop exceeds its budget; say why otherwise."""
     change = bias_change(before.biases, after.biases, biases)
-    drop = ndcg_drop(before, after)
     noise = f"P(not reduced) {no_reduction:.2f}"
     if change >= 0:
         return False, f"bias not reduced (weighted relative change {change:+.1%}, {noise})"
@@ -264,12 +367,25 @@ def verdict(
             f"bias change {change:+.1%} is within the guard users' noise "
             f"({noise} > {1 - confidence:.2f})"
         )
-    if drop > max_ndcg_drop:
-        return False, (
-            f"NDCG@{before.k} dropped {drop:.1%} (> {max_ndcg_drop:.0%} allowed), "
-            f"bias change {change:+.1%}"
-        )
-    return True, f"bias change {change:+.1%} ({noise}), NDCG@{before.k} change {-drop:+.1%}"
+    if accuracy.refuses(confidence):
+        return False, f"accuracy budget exceeded: {accuracy.explain()}, bias change {change:+.1%}"
+    return True, f"bias change {change:+.1%} ({noise}), {accuracy.explain()}"
+
+
+def unmeasured_utility(before: Measurement, biases: Sequence[BiasSpec]) -> dict[str, str]:
+    """User biases (label -> why) with a group whose guard users all have NDCG@K = 0: its
+    side of the gap has no signal, so the gap measures only the other groups, and a step
+    could only be seen to close it by taking hits from them."""
+    reasons = {}
+    for bias in biases:
+        if bias.side == "user":
+            empty = [g for g, value in before.groups[bias.label]["NDCG"].items() if value == 0]
+            if empty:
+                reasons[bias.label] = (
+                    f"user group(s) {', '.join(empty)} have NDCG@{bias.k} = 0 for every one of "
+                    "their guard users (no hit to measure a gap by)"
+                )
+    return reasons
 
 
 def other_k_check(

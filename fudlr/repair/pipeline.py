@@ -24,7 +24,15 @@ from fudlr.errors import FudlrError, InputError
 from fudlr.fairness.metrics import group_shares
 from fudlr.fairness.surrogates import Quantities
 from fudlr.recommender.recommend import Decoding, Ranked
-from fudlr.repair.config import DebiasConfig, check_job, check_projection, subset
+from fudlr.repair.config import (
+    DebiasConfig,
+    check_job,
+    check_projection,
+    guard_subset,
+    screened,
+    subset,
+    unmeasurable_in_data,
+)
 from fudlr.repair.guard import Measurement
 from fudlr.repair.mask import FairnessTarget, Selection, learn_mask
 from fudlr.repair.unlearn import WeightPatcher
@@ -78,6 +86,11 @@ class DebiasJob:
         self.step_search: list[dict] = []  # every η on the query users, best first (run())
         self._clock = time.perf_counter()
         self.groups = check_job(bundle, config)
+        # biases the guard users cannot measure: refused by check_job, or dropped here
+        config, self.dropped = screened(config, unmeasurable_in_data(bundle, config, self.groups))
+        self.config = config
+        for dropped in self.dropped:
+            self.control.event(f"dropped {dropped['bias']}: {dropped['reason']}")
         self.samples = training_samples(bundle, adapter_dir)
         self.index = TrainingIndex.load(
             index_dir,
@@ -99,7 +112,7 @@ class DebiasJob:
         self.layout = self.index.layout
         valid = bundle.split("valid")
         self.query_rows = subset(valid, config.query_users, config.seed)
-        self.guard_rows = subset(valid, config.guard_users, config.seed + 1)
+        self.guard_rows = guard_subset(bundle, config)
         self._lap("load")
 
     def _lap(self, stage: str) -> None:
@@ -153,6 +166,29 @@ class DebiasJob:
             )
 
         return cached_measure(self.measurements, key, compute)
+
+    def measurable(self, before: Measurement) -> Measurement:
+        """The guard users' original measurement on the biases it can measure: a user bias
+        with a group that has no hit among them is refused, or dropped where the job allows
+        (then measured again from the same lists, without it)."""
+        from fudlr.repair.guard import measurement_of, unmeasured_utility
+
+        reasons = unmeasured_utility(before, self.config.biases)
+        if not reasons:
+            return before
+        self.config, dropped = screened(self.config, reasons)
+        self.dropped += dropped
+        for entry in dropped:
+            self.control.event(f"dropped {entry['bias']}: {entry['reason']}")
+        return measurement_of(
+            self.bundle,
+            "valid",
+            self.guard_rows,
+            before.top_lists,
+            self.config.biases,
+            self.config.k_for_accuracy,
+            before.exact_matches,
+        )
 
     def queries(self) -> tuple[Quantities, dict[str, torch.Tensor]]:
         """Every linearised quantity with its gradient, and each item attribute's GH target."""
@@ -587,6 +623,7 @@ class DebiasJob:
         """All stages; writes out_dir/adapter only on success, out_dir/report.json also when
         nothing is selected or the guard rejects every step (status "rejected", no eta)."""
         from fudlr.repair.guard import (
+            accuracy_check,
             beats_control,
             bootstrap_no_reduction,
             other_k_check,
@@ -594,9 +631,9 @@ class DebiasJob:
         )
         from fudlr.repair.unlearn import save_patched_adapter
 
-        config = self.config
         self.control.event(f"measuring the recommender on {len(self.guard_rows)} validation users")
-        before = self.measure_original("valid", self.guard_rows)
+        before = self.measurable(self.measure_original("valid", self.guard_rows))
+        config = self.config  # without the biases it could not measure
         self._lap("measure before")
         quantities, history = self.queries()
         scores, user_marginals = self.scores(quantities, history)
@@ -630,18 +667,26 @@ class DebiasJob:
             no_reduction = bootstrap_no_reduction(
                 self.bundle, "valid", self.guard_rows, before, after, config.biases, config.seed
             )
-            ok, reason = verdict(
+            accuracy = accuracy_check(
+                self.guard_rows,
                 before,
                 after,
-                config.biases,
                 config.max_ndcg_drop,
-                no_reduction,
                 config.guard_confidence,
+                config.seed,
+            )
+            ok, reason = verdict(
+                before, after, config.biases, accuracy, no_reduction, config.guard_confidence
             )
             if ok and config.max_other_k_increase is not None:
                 ok, other = other_k_check(before, after, config.biases, config.max_other_k_increase)
                 reason = reason if ok else other
-            attempt = {"eta": eta, "p_not_reduced": no_reduction, **after.summary()}
+            attempt = {
+                "eta": eta,
+                "p_not_reduced": no_reduction,
+                "accuracy": accuracy.describe(),
+                **after.summary(),
+            }
             if ok and config.random_control == "require":
                 self._lap("guard")
                 control = self.random_control((patcher, random_patcher), eta, before, after)
@@ -682,6 +727,8 @@ class DebiasJob:
             self._lap("measure test")
 
         report = self._report(quantities, scores, selection, metrics, attempts, eta)
+        # the published step's accuracy judgement (`resolved`: whether its budget could be)
+        report["accuracy"] = attempts[-1]["accuracy"]
         report["random_control"] = control and _control_summary(control, len(selection.indices))
         report["surrogate_tracking"] = self.surrogate_tracking(quantities, before, after)
         provenance = {
@@ -729,6 +776,7 @@ class DebiasJob:
         return {
             "status": "succeeded",
             "biases": [bias.label for bias in self.config.biases],
+            "dropped_biases": self.dropped,
             "config": asdict(self.config),
             "training_samples": self.index.samples,
             "candidates": len(self.candidates),

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from fudlr.errors import InputError
 from fudlr.influence.projection import Projection
 from fudlr.recommender.recommend import Decoding, RecommendConfig
-from fudlr.repair.config import STEP_SIZES, DebiasConfig, MaskConfig, check_distinct
+from fudlr.repair.config import STEP_SIZES, DebiasConfig, MaskConfig, check_distinct, default
 from fudlr.repair.spec import BiasSpec
 from service.validation import INT32_MAX, Id, RequestModel, Text
 
@@ -46,10 +46,13 @@ class Bias(RequestModel):
 
 class Budget(RequestModel):
     """max_fraction: most training samples unlearned. max_loss_increase: largest predicted
-    relative validation-loss increase. max_ndcg_drop: largest relative NDCG drop the guard
-    accepts before it refuses to publish. eligibility: "selection" (the selection must beat
-    as many random samples on held-out query users) or "samples" (each sample's own effect
-    must be significant, Benjamini-Hochberg). fdr: the level of that test (higher: more
+    relative validation-loss increase. max_ndcg_drop: the accuracy budget, the largest
+    relative drop of NDCG@accuracy_k the guard accepts: a step is refused when the drop
+    exceeds it in at least guard_confidence of the bootstrap resamples of the guard users.
+    accuracy_k: K of that NDCG, whatever the biases' K (at most the catalog).
+    eligibility: "selection" (the selection must beat as many random samples on held-out
+    query users) or "samples" (each sample's own effect must be significant,
+    Benjamini-Hochberg). fdr: the level of that test (higher: more
     samples).
     guard_confidence: the share of paired bootstrap resamples of the guard users in which
     the bias must have gone down for a step to be published (0 = any measured drop).
@@ -60,6 +63,7 @@ class Budget(RequestModel):
     max_fraction: float = Field(0.2, gt=0, le=1)
     max_loss_increase: float = Field(0.02, ge=0)
     max_ndcg_drop: float = Field(0.05, ge=0, lt=1)
+    accuracy_k: int = Field(default("accuracy_k"), ge=1, le=1000)
     eligibility: Literal["selection", "samples"] = "selection"
     fdr: float = Field(0.05, gt=0, lt=1)
     guard_confidence: float = Field(0.8, ge=0, lt=1)
@@ -76,7 +80,9 @@ class Options(RequestModel):
     anchored_pools: the items each query user's beams ground to in its pool; temperature:
     of the surrogate's recommendation distribution (null = calibrated); random_control:
     the same step from as many random samples, which the selection must beat ("require"),
-    or only measured ("report", the report's `random_control`), or "off"."""
+    or only measured ("report", the report's `random_control`), or "off";
+    drop_unmeasurable: run on the biases the guard users can measure and report the
+    others in `metrics.dropped_biases`, instead of refusing the job (`unmeasurable_bias`)."""
 
     query_users: int = Field(128, ge=1, le=INT32_MAX)
     guard_users: int = Field(256, ge=1, le=INT32_MAX)
@@ -104,6 +110,7 @@ class Options(RequestModel):
     guard_tries: int = Field(3, ge=1, le=16)
     step_patience: int | None = Field(2, ge=1, le=16)
     random_control: Literal["off", "report", "require"] = "require"
+    drop_unmeasurable: bool = default("drop_unmeasurable")
     seed: int = Field(0, ge=-INT32_MAX, le=INT32_MAX)
 
     @field_validator("step_sizes")
@@ -153,6 +160,7 @@ class JobSpec(RequestModel):
                 max_upweight=budget.max_upweight,
             ),
             max_ndcg_drop=budget.max_ndcg_drop,
+            accuracy_k=budget.accuracy_k,
             guard_confidence=budget.guard_confidence,
             max_other_k_increase=budget.max_other_k_increase,
             query_users=options.query_users,
@@ -165,6 +173,7 @@ class JobSpec(RequestModel):
             guard_tries=options.guard_tries,
             step_patience=options.step_patience,
             random_control=options.random_control,
+            drop_unmeasurable=options.drop_unmeasurable,
             projection=options.projection,
             recommend=RecommendConfig(
                 decoding=options.decoding or Decoding.CONSTRAINED,
@@ -190,12 +199,17 @@ class JobError(BaseModel):
 
 class JobMetrics(BaseModel):
     """Validation-split measurements before and after the patch, the influence model's
-    prediction, and the test split's when measured."""
+    prediction, and the test split's when measured; the published step's accuracy check
+    (`accuracy`: NDCG@k drop, its interval, P(over budget), and `resolved`: false when the
+    guard users had too few hits to resolve the budget); the biases left out because the
+    guard users could not measure them (`dropped_biases`: {bias, reason})."""
 
     before: dict[str, Any] | None = None
     predicted: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
     test: dict[str, Any] | None = None
+    accuracy: dict[str, Any] | None = None
+    dropped_biases: list[dict[str, str]] | None = None
 
 
 class JobOut(BaseModel):

@@ -20,7 +20,12 @@ from fudlr.data.bundle import Bundle
 from fudlr.errors import InputError
 from fudlr.influence.manifest import MANIFEST, stored_projection
 from fudlr.recommender.recommend import Decoding, check_decodable
-from fudlr.repair.config import check_projection
+from fudlr.repair.config import (
+    UnmeasurableBias,
+    check_projection,
+    screened,
+    unmeasurable_in_data,
+)
 from service.auth.models import Tenant
 from service.auth.service import owned
 from service.db import new_id, utcnow
@@ -121,15 +126,31 @@ def _check_against_index(store: TenantStore, version: Version, spec: JobSpec) ->
 
 
 def _check_against_data(store: TenantStore, recommender: Recommender, spec: JobSpec) -> None:
-    """Biases against the groups of the registered data; the test split where asked for."""
+    """Biases against the groups of the registered data, and whether the job's guard users
+    can measure them (a group with none of them, an item group absent from their
+    histories); accuracy's K against the catalog; the test split where asked for."""
     bundle = Bundle.load(store.bundle(recommender.bundle_digest), splits=("valid",))
+    groups = {}
     for position, bias in enumerate(spec.biases):
         try:
-            bias.spec().groups(bundle, "valid")
+            groups[bias.spec().label] = bias.spec().groups(bundle, "valid")
         except InputError as error:
             raise Problem(422, "invalid_bias", error.reason, field=f"biases.{position}") from None
+    config = spec.to_config()
     try:
-        check_decodable(bundle, spec.to_config().recommend)
+        screened(config, unmeasurable_in_data(bundle, config, groups))
+    except UnmeasurableBias as error:
+        field = f"biases.{error.position}"
+        raise Problem(422, "unmeasurable_bias", error.reason, field=field) from None
+    if config.accuracy_k > len(bundle.items):
+        raise Problem(
+            422,
+            "validation_error",
+            f"accuracy_k={config.accuracy_k} is larger than the catalog ({len(bundle.items)})",
+            field="budget.accuracy_k",
+        )
+    try:
+        check_decodable(bundle, config.recommend)
     except InputError as error:
         raise Problem(422, "not_decodable", error.reason, field="options.decoding") from None
     if "test" not in recommender.data:

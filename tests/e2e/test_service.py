@@ -63,6 +63,11 @@ def test_debias_end_to_end(cluster: Cluster, recommender: str, planted, tiny_mod
         label = "item:popularity_group:MGU@1"
         assert done.metrics.after["biases"][label] < done.metrics.before["biases"][label]
         assert done.metrics.test is not None and f"{label}:after" in done.metrics.predicted
+        # the published step's accuracy check, as the guard judged it; nothing was dropped
+        report = client.report(job.id)
+        assert done.metrics.accuracy == report["accuracy"] and done.metrics.accuracy["k"] == 10
+        assert isinstance(done.metrics.accuracy["resolved"], bool)
+        assert done.metrics.dropped_biases == []
 
         messages = [event.message for event in client.events(job.id, limit=1000)]
         assert (

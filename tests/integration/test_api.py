@@ -23,7 +23,7 @@ from service.auth.models import Tenant
 from service.files.models import File
 from service.models import Job, Recommender, Version
 from service.settings import Settings
-from tests.conftest import twin_titles_bundle
+from tests.conftest import run_cli, twin_titles_bundle
 from tests.integration.harness import InProcessServer, api_key
 
 LIMIT = 512 << 10  # uploads; the tiny bundle's biggest file is ~90 KiB
@@ -785,6 +785,51 @@ def test_a_job_expecting_another_index_projection_is_refused(api: Api, ready: st
     assert "stores eigenbasis gradients" in refused["detail"], refused
     accepted = api.ok("POST", "/v1/jobs", json={**body, "options": {"projection": "eigenbasis"}})
     assert accepted["spec"]["options"]["projection"] == "eigenbasis"
+
+
+def test_a_bias_the_guard_users_cannot_measure_is_refused_at_submission(
+    api: Api, ready: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No tiny validation history holds a Mystery film: a genres bias has a group with no
+    share of the histories to be fair to (field biases.N, N its place in the request)."""
+    genres = {**BIAS, "attribute": "genres"}
+    body = {"recommender_id": ready, "biases": [BIAS, genres]}
+    with api.sessions()() as session:
+        jobs = session.scalar(select(func.count()).select_from(Job))
+    refused = problem(api.call("POST", "/v1/jobs", json=body), 422, "unmeasurable_bias")
+    assert refused["field"] == "biases.1", refused
+    assert refused["detail"].startswith(
+        "bias item:genres:MGU@5 cannot be measured: item group(s) Mystery are absent"
+    ), refused
+    alone = {"recommender_id": ready, "biases": [genres], "options": {"drop_unmeasurable": True}}
+    refused = problem(api.call("POST", "/v1/jobs", json=alone), 422, "unmeasurable_bias")
+    assert refused["field"] == "biases.0" and "no other bias is left" in refused["detail"]
+    with api.sessions()() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == jobs
+    kept = api.ok("POST", "/v1/jobs", json={**body, "options": {"drop_unmeasurable": True}})
+    assert kept["state"] == "queued" and kept["spec"]["options"]["drop_unmeasurable"] is True
+    assert kept["spec"]["budget"]["accuracy_k"] == 10  # NDCG@10, whatever the biases' K
+    too_deep = {**body, "biases": [BIAS], "budget": {"accuracy_k": 31}}  # 30 tiny items
+    refused = problem(api.call("POST", "/v1/jobs", json=too_deep), 422, "validation_error")
+    assert (
+        refused["field"] == "budget.accuracy_k" and "larger than the catalog" in refused["detail"]
+    )
+
+    # the CLI: one line naming the bias and why, exit 2; with the flag, the job is queued
+    monkeypatch.setenv("FUDLR_URL", api.server.url)
+    monkeypatch.setenv("FUDLR_API_KEY", api.keys["a"])
+    args = ["submit", ready, "--bias", "item:popularity_group:MGU@5", "--bias", "item:genres:MGU@5"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and not out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: unmeasurable_bias (422): field 'biases.1': bias item:genres:MGU@5 cannot be "
+        "measured: item group(s) Mystery are absent"
+    ), lines
+    code, out, _ = run_cli([*args, "--drop-unmeasurable", "--accuracy-k", "5"], capsys)
+    assert code == 0 and out.strip().startswith("job_")
+    spec = api.ok("GET", f"/v1/jobs/{out.strip()}")["spec"]
+    assert spec["options"]["drop_unmeasurable"] is True and spec["budget"]["accuracy_k"] == 5
 
 
 def test_a_recommender_keeps_its_decoding_and_jobs_inherit_it(

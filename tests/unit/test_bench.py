@@ -51,10 +51,14 @@ def test_the_benchmark_runs_every_system_and_writes_its_results(
     assert systems["retrain_without_s"]["removed"] == fudlr["removed"]
     assert systems["random_removal"]["removed"] == fudlr["removed"]
     assert fudlr["index_seconds"] > 0 and systems["fudlr_multi"]["index_seconds"] > 0
-    assert systems["fudlr_multi"]["predicted"].keys() >= {
-        "item:popularity_group:MGU@1:after",
-        "user:gender:NDCG@1:after",
-    }
+    # both biases at once, or the gender gap left out because the 12 guard users give one
+    # gender no hit at K=1 (and the report says so)
+    multi = systems["fudlr_multi"]
+    assert "item:popularity_group:MGU@1:after" in multi["predicted"]
+    dropped = {entry["bias"]: entry["reason"] for entry in multi["dropped_biases"]}
+    assert "user:gender:NDCG@1:after" in multi["predicted"] or "NDCG@1 = 0" in dropped.get(
+        "user:gender:NDCG@1", ""
+    ), (multi["predicted"].keys(), dropped)
     rr = systems["ifairlrs_rr"]
     assert rr["candidates"][0]["alpha"] == 0.0 and rr["alpha"] in {
         c["alpha"] for c in rr["candidates"]

@@ -25,9 +25,10 @@ from fudlr.models.lora import load_adapter
 from fudlr.models.store import load_base_model
 from fudlr.recommender.recommend import Decoding, RecommendConfig
 from fudlr.recommender.train import train_adapter
-from fudlr.repair.cli import result_table
+from fudlr.repair.cli import guard_notes, result_table
 from fudlr.repair.config import DebiasConfig, MaskConfig
 from fudlr.repair.guard import (
+    accuracy_check,
     beats_control,
     bootstrap_no_reduction,
     measurement_of,
@@ -340,6 +341,13 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     for k in ("5", "10"):
         row = next(line for line in table.splitlines() if f"same at K={k} " in line)
         assert f"{valid['after']['biases_at_k'][label][k]:.4f}" in row, row
+    # the published step's accuracy, judged in the bootstrap at NDCG@10 (not the bias's K)
+    accuracy = report["accuracy"]
+    assert accuracy == report["guard"][-1]["accuracy"] and accuracy["k"] == 10
+    assert accuracy["low"] <= accuracy["drop"] <= accuracy["high"]
+    assert accuracy["hits_before"] == round(valid["before"]["HR@10"] * valid["before"]["users"])
+    assert guard_notes(report)[-1].startswith("accuracy on the guard users: NDCG@10 drop")
+    assert report["dropped_biases"] == []
     tracking = report["surrogate_tracking"][label]
     print(f"surrogate tracking: {tracking}")
     assert set(tracking["surrogate_share_change"]) == {"0", "1", "2", "3", "4"}
@@ -435,9 +443,10 @@ def test_the_guard_weighs_a_change_against_the_guard_users_noise(tiny_bundle: Pa
     assert 0.2 < chance < 0.5, chance
     after = measured(one_user)
     assert after.biases[biases[0].label] < before.biases[biases[0].label]
-    accepted, reason = verdict(before, after, biases, 0.5, chance, confidence=0.8)
+    accuracy = accuracy_check(rows, before, after, 0.5, 0.8)
+    accepted, reason = verdict(before, after, biases, accuracy, chance, confidence=0.8)
     assert not accepted and "noise" in reason
-    assert verdict(before, after, biases, 0.5, chance, confidence=0.0)[0]
+    assert verdict(before, after, biases, accuracy, chance, confidence=0.0)[0]
 
     # against a random control: the selection must do better than the random samples' step
     fairer_after = measured(fairer)
