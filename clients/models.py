@@ -27,12 +27,16 @@ class JobError(BaseModel):
 
 class JobMetrics(BaseModel):
     """Validation-split measurements before and after, the influence model's prediction,
-    and the test split's when measured."""
+    the test split's when measured, the published step's accuracy check (`resolved`: false
+    when the guard users' hits could not resolve the budget) and the biases left out as
+    unmeasurable."""
 
     before: dict[str, Any] | None = None
     predicted: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
     test: dict[str, Any] | None = None
+    accuracy: dict[str, Any] | None = None
+    dropped_biases: list[dict[str, str]] | None = None
 
 
 class JobOut(BaseModel):
