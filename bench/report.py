@@ -31,7 +31,8 @@ def _relative(after: float, before: float) -> float | None:
 
 
 def targets(systems: Mapping[str, Mapping[str, Any]], k: int) -> dict[str, Any]:
-    """Each of issue 5's targets with the numbers behind it and whether it is met."""
+    """Each of the benchmark's targets (bench/README.md) with the numbers behind it and
+    whether it is met."""
     original, fudlr, rw = systems["original"], systems["fudlr"], systems["ifairlrs_rw"]
     mgu_change = _relative(at_k(fudlr, k, "MGU"), at_k(original, k, "MGU"))
     ndcg_change = _relative(at_k(fudlr, k, "NDCG"), at_k(original, k, "NDCG"))

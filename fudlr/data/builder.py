@@ -1,4 +1,5 @@
-"""Turn a MovieLens source into a data bundle (DESIGN.md §2): split, groups, rendered texts.
+"""Turn a MovieLens source into a data bundle: split, groups, rendered texts (the format:
+docs/method.md, "The data bundle").
 
 Protocol (BIGRec / IFairLRS style): each user's interactions ordered by time, last one
 -> test, second last -> valid, sliding windows over the rest -> train. Everything is

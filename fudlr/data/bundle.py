@@ -1,4 +1,4 @@
-"""Load and cross-check a data bundle directory (DESIGN.md §2)."""
+"""Load and cross-check a data bundle directory (docs/method.md, "The data bundle")."""
 
 from __future__ import annotations
 

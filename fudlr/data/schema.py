@@ -1,4 +1,5 @@
-"""Row schemas of the data bundle (DESIGN.md §2), shared by the loader and the upload check."""
+"""Row schemas of the data bundle (docs/method.md, "The data bundle"), shared by the
+loader and the upload check."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fairness of recommendations: item/user groups and the hard metrics (DESIGN.md §4).
+"""Fairness of recommendations: item/user groups and the hard metrics (docs/method.md, "Metrics").
 
 Plotting lives in fudlr.fairness.plot and the command in fudlr.fairness.cli, so that
 importing the metrics pulls in neither matplotlib nor typer.

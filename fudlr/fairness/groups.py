@@ -1,4 +1,4 @@
-"""Group membership of items and users by one of their attributes (DESIGN.md §4).
+"""Group membership of items and users by one of their attributes (docs/method.md, "Metrics").
 
 An attribute value may be a scalar (popularity_group: 2) or a list (genres: ["Action",
 "Drama"]); a list puts the entity in every listed group, so a two-genre item counts once

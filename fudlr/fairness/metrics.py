@@ -1,4 +1,5 @@
-"""Hard fairness and accuracy metrics of top-K recommendations (DESIGN.md §4, IFairLRS).
+"""Hard fairness and accuracy metrics of top-K recommendations (IFairLRS; docs/method.md,
+"Metrics").
 
 Item side: GP_g@K (share of group g in the top-K lists), GH_g (share in the histories),
 GU_g = GP_g - GH_g, MGU@K = mean_g |GU_g|, DGU@K = max_g GU_g - min_g GU_g.

@@ -54,8 +54,7 @@ class Quantities:
 
     per_user [U, k, dim] (float32): each query user's part of every gradient, so that
     `gradients` is their mean. It is what lets a sample's effect be tested against the
-    spread over users (the query's own noise); U·k·dim·4 bytes (~15 MB per user for
-    SmolLM2 with r = 8 on q/v and 8 quantities).
+    spread over users (the query's own noise); U·k·dim·4 bytes.
     """
 
     names: list[str]

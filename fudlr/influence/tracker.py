@@ -5,7 +5,7 @@ plain `nn.Linear` layers. For a linear y = W a applied at every token t, the gra
 of sample n's loss is Σ_t g_t a_tᵀ, with a_t the layer input and g_t the gradient at
 its output. A forward hook keeps a_t, a tensor hook on the output keeps g_t, and one
 einsum per layer gives every sample's gradient for the batch. A LoRA gradient is small
-(r × in or out × r per layer: about 0.5M numbers for SmolLM2 with r=8 on q/v), so
+(r × in or out × r per layer), so
 holding one batch of them costs less than the activations already held.
 """
 

@@ -93,7 +93,7 @@ class DebiasConfig:
     queries. pool_per_group: items scored per user and stratum (item biases).
     anchored_pools: put the items each query user's beams ground to (its recommendation
     and the num_beams - 1 runners-up) in its pool, so the surrogate sees the titles the
-    model actually recommends or nearly does (DESIGN.md §4).
+    model actually recommends or nearly does.
     temperature: of the surrogate's recommendation distribution; None = calibrated per job,
     the one at which the surrogate's shares best match the query users' measured GP@K.
     guard_users: validation users on which the guard measures the hard metrics (None =

@@ -31,10 +31,6 @@ from fudlr.recommender.recommend import RecommendConfig, Recommender
 from fudlr.repair.config import REPORTED_KS
 from fudlr.repair.spec import BiasSpec
 
-# every bias is also reported at these K (where the rankings are that long): a repair at
-# one K can move the same bias the other way at another (an MGU@5 repair on SmolLM2 made
-# MGU@1 58% worse), and the guard judges only the bias's own K
-
 
 @dataclass
 class Measurement:

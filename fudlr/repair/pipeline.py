@@ -474,13 +474,10 @@ class DebiasJob:
         minimum (it overshoots above it and fades to zero below it), so the sizes after
         those would not be chosen, and each one costs a decoding of the query users.
 
-        The Newton step is linear in the removal; the recommender is not. On SmolLM2 a step
-        removing 8 of 1,500 samples moved the LoRA weights by 19% of their norm, and the
-        popular group's share of the recommendations fell from 74% to 18% at η = 1 (63% in
-        the histories); the surrogates, evaluated at θ + ηΔθ, moved ten times less than
-        decoding did, so they cannot tell where it overshoots. Decoding the query users
-        (a quarter of the guard's) is what can, and choosing η on them keeps the guard's
-        users out of the choice.
+        The Newton step is linear in the removal; the recommender is not, and a step can
+        overshoot the histories' shares (measured in docs/method.md, "Step size on the query
+        users"). Decoding the query users is what sees it, and choosing η on them keeps the
+        guard's users out of the choice.
         """
         from fudlr.repair.guard import bias_change, ndcg_drop
 
@@ -521,9 +518,8 @@ class DebiasJob:
         """The same Newton step at the same η from as many random training samples (the
         selection's weights on them), measured on the guard users and compared with the
         selection's step (`after`, a paired bootstrap over the guard users). A selection that
-        matters beats it; where it does not, the step's size, not the samples, moved the bias
-        (on SmolLM2's MGU@5 job: selection -38.6%, 3 random samples +4.9%). `patchers`: the
-        selection's, left applied at η, and the random samples'."""
+        matters beats it; where it does not, the step's size, not the samples, moved the bias.
+        `patchers`: the selection's, left applied at η, and the random samples'."""
         from fudlr.repair.guard import bias_change, bootstrap_no_reduction
 
         selected, random_samples = patchers
