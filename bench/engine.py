@@ -13,6 +13,12 @@ On one model and bundle, in one run:
    against the dense one (target <= 1/20), its scores against exact ones (Pearson, target
    >= 0.9), its gradient pass against training the reference recipe on the same samples
    (samples/s, target >= 0.9x). `--only-index` runs only this.
+4. a job on the reference recommender: its committed adapter indexed with a uniform sample
+   of its training windows as candidates, one debias job with the recipe's decoding, then
+   the same job again (the original's measurements cached, as for every later job on a
+   version), each stage timed; against retraining the recipe, estimated from the reference
+   recipe's samples/s measured in the same run (0.) times its windows and epochs. Target:
+   job <= 1/10 of retraining. `--only-job` runs 0. and this.
 Writes bench/results/engine-<profile>-<date>-<commit>.json and prints a table. `--quick` is
 a smoke run.
 """
@@ -81,6 +87,9 @@ def scoring_tokens_per_second(
     return sum(len(e.input_ids) for e in encoded) / (time.perf_counter() - started)
 
 
+REFERENCE_RECIPE = "reference (top layers only, batch 16)"
+
+
 def training_recipes(
     model_dir: Path, work: Path, samples: int, precision: str
 ) -> dict[str, dict[str, float]]:
@@ -100,7 +109,7 @@ def training_recipes(
         "previous default (every layer, batch 8)": replace(
             reference.train, batch_size=8, lora=LoraSettings()
         ),
-        "reference (top layers only, batch 16)": reference.train,
+        REFERENCE_RECIPE: reference.train,
     }
     measured = {}
     for name, recipe in recipes.items():
@@ -228,6 +237,96 @@ def index_projection(
     }
 
 
+REFERENCE_JOB = {
+    # candidates indexed, curvature samples, query users, guard users
+    "quick": {"candidates": 64, "curvature_samples": 64, "query_users": 16, "guard_users": 64},
+    "full": {"candidates": 1000, "curvature_samples": 256, "query_users": 128, "guard_users": 256},
+}
+
+
+def reference_job(
+    model_dir: Path,
+    work: Path,
+    sizes: dict[str, int],
+    training_samples_per_second: float,
+    bias: str,
+    precision: str,
+) -> dict[str, Any]:
+    """Index the reference adapter (candidates), run one job cold and once more warm (the
+    original's measurements cached), and compare each with retraining the recipe, estimated
+    from `training_samples_per_second` measured beside it."""
+    import shutil
+    from dataclasses import replace
+
+    from bench.reference import ADAPTER, Recipe
+    from bench.reference import prepare as prepare_reference
+
+    reference = Recipe.load()
+    _, bundle_dir = prepare_reference(reference, work / "reference")
+    bundle = Bundle.load(bundle_dir)
+    index_dir = work / "reference-index"
+    started = time.perf_counter()
+    manifest = build_index(
+        model_dir,
+        ADAPTER,
+        bundle,
+        index_dir,
+        IndexConfig(
+            candidates=sizes["candidates"],
+            curvature_samples=sizes["curvature_samples"],
+            batch_size=reference.train.batch_size,
+            precision=precision,
+        ),
+    )
+    index_seconds = time.perf_counter() - started
+    config = DebiasConfig(
+        biases=(BiasSpec.parse(bias),),
+        query_users=sizes["query_users"],
+        guard_users=sizes["guard_users"],
+        test_users=0,
+        recommend=replace(reference.recommend, precision=precision),
+    )
+    measurements = work / "reference-measurements"
+    shutil.rmtree(measurements, ignore_errors=True)
+    windows = manifest["samples"] * reference.train.epochs
+    retraining = windows / training_samples_per_second
+    runs = {}
+    for run in ("cold", "warm"):
+        console.rule(f"reference job ({run})")
+        started = time.perf_counter()
+        outcome = "accepted"
+        job = None
+        try:
+            job = DebiasJob(
+                model_dir, ADAPTER, bundle, index_dir, config, measurements=measurements
+            )
+            report = job.run(work / f"reference-job-{run}")
+            stages, eta = report["seconds"], report["eta"]
+        except RepairRejected as rejected:
+            outcome, eta = f"rejected: {rejected}", None
+            stages = rejected.report["seconds"] if rejected.report else {}
+        seconds = time.perf_counter() - started
+        runs[run] = {
+            "seconds": seconds,
+            "stages": stages,
+            "outcome": outcome,
+            "eta": eta,
+            "ratio": seconds / retraining,
+            "met": seconds / retraining <= 0.1,
+        }
+    return {
+        "bias": bias,
+        **sizes,
+        "training_windows": manifest["samples"],
+        "index_seconds": index_seconds,
+        "retraining_seconds_estimated": retraining,
+        "retraining_estimate": f"{windows} windows / "
+        f"{training_samples_per_second:.2f} samples/s (reference recipe, this run)",
+        "target": 0.1,
+        "jobs": runs,
+    }
+
+
 def write_results(results: dict, stem: str) -> Path:
     """bench/results/<stem>-<date>-<commit>.json and <stem>-latest.json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -249,12 +348,22 @@ def main() -> None:
     )
     parser.add_argument("--bias", default="item:popularity_group:MGU@1")
     parser.add_argument(
+        "--reference-bias",
+        default="item:popularity_group:MGU@5",
+        help="the bias the job on the reference recommender repairs (4.)",
+    )
+    parser.add_argument(
         "--only-training", action="store_true", help="stop after the training recipes (0.)"
     )
     parser.add_argument(
         "--only-index",
         action="store_true",
         help="only the index projection on the reference adapter (3.)",
+    )
+    parser.add_argument(
+        "--only-job",
+        action="store_true",
+        help="only the training recipes (0.) and a job on the reference recommender (4.)",
     )
     args = parser.parse_args()
     profile_name = "quick" if args.quick else "full"
@@ -280,6 +389,20 @@ def main() -> None:
     recipes = training_recipes(model_dir, args.work, profile["throughput_samples"], args.precision)
     if args.only_training:
         write_results({**header, "training_recipes": recipes}, f"engine-training-{profile_name}")
+        return
+    if args.only_job:
+        measured = reference_job(
+            model_dir,
+            args.work,
+            REFERENCE_JOB[profile_name],
+            recipes[REFERENCE_RECIPE]["samples_per_second"],
+            args.reference_bias,
+            args.precision,
+        )
+        results = {**header, "training_recipes": recipes, "reference_job": measured}
+        path = write_results(results, f"engine-job-{profile_name}")
+        console.print_json(data=measured)
+        console.print(f"wrote {path}")
         return
 
     bundle = Bundle.load(prepare_movielens(work / "bundle", profile["train_size"], 5))
