@@ -44,10 +44,13 @@ class Tally:
 
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    states: Counter[str] = field(default_factory=Counter)
 
     def summary(self, seconds: float | None = None) -> dict[str, Any]:
         ordered = sorted(self.latencies)
         out: dict[str, Any] = {"answered": len(ordered), "errors": dict(self.errors)}
+        if self.states:
+            out["job_states"] = dict(self.states)
         if seconds:
             out["per_second"] = round(len(ordered) / seconds, 1)
         if ordered:
@@ -92,10 +95,12 @@ async def _client(
     tally: Tally,
     keep_alive: bool = True,
     timeout: float = _TIMEOUT,
+    track_state: bool = False,
 ) -> None:
     """Ask `path` every `period` seconds until the clock passes `stop`: a poller keeps its
     connection (reconnecting after a failure), a probe opens a fresh one each time, as an
-    orchestrator's does."""
+    orchestrator's does. `track_state` counts the polled job's states, which tells whether
+    the job really ran during the measurement."""
     connection = None
     while time.monotonic() < stop:
         started = time.monotonic()
@@ -104,9 +109,11 @@ async def _client(
                 connection = await asyncio.wait_for(
                     asyncio.open_connection("127.0.0.1", port), timeout
                 )
-            status, _ = await asyncio.wait_for(_request(*connection, path, headers), timeout)
+            status, body = await asyncio.wait_for(_request(*connection, path, headers), timeout)
             if status == 200:
                 tally.latencies.append(time.monotonic() - started)
+                if track_state:
+                    tally.states[json.loads(body).get("state", "?")] += 1
             else:
                 tally.errors[f"http {status}"] += 1
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as error:
@@ -139,7 +146,8 @@ async def _load(
     tasks = [
         asyncio.create_task(
             _delayed(
-                i * interval / pollers, _client(port, job_path, headers, interval, stop, polls)
+                i * interval / pollers,
+                _client(port, job_path, headers, interval, stop, polls, track_state=True),
             )
         )
         for i in range(pollers)
@@ -243,7 +251,13 @@ def submit_real_job(url: str, key: str, work: Path) -> str:
     model_dir = work / "models" / "tiny"
     build_tiny_model(model_dir, corpus=titles)
     adapter = work / "adapter"
-    train_adapter(model_dir, bundle_dir, adapter, TrainConfig(epochs=1, batch_size=8))
+    train_adapter(
+        model_dir,
+        Bundle.load(bundle_dir),
+        adapter,
+        TrainConfig(epochs=1, batch_size=8),
+        device="cpu",
+    )
     with Client(url, key) as client:
         recommender = client.register("load", model_dir, adapter, bundle_dir)
         client.wait_ready(recommender.id, timeout=600)
