@@ -8,9 +8,12 @@ asks `/healthz` and `/readyz` on fresh connections, during the load and for a fe
 after it. Writes req/s, latency percentiles, errors by kind and the probes' latencies to
 `bench/results/load-<database>-<date>-<commit>.json`.
 
-`--job` also registers a tiny recommender and submits a real debias job, so the worker
-competes for the same cores (the measurement the service is judged by); without it the
-polled job is a seeded row that no worker runs.
+`--job` also registers a tiny recommender and submits real debias jobs (the tenant's quota,
+four, run one after another: a tiny job can end within seconds), so the worker competes
+for the same cores (the measurement the service is judged by) and the pollers poll the
+first; without it the polled job is a seeded row that no worker runs. The results record
+the states the pollers saw (`job_states`), every job's state after the load
+(`jobs_after`), and the tail per 10-s window (`polls_by_10s`).
 
     python -m bench.load --pollers 200 --seconds 60 --job
     python -m bench.load --database-url postgresql://postgres@127.0.0.1:5432/test --job
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import secrets
@@ -44,10 +48,36 @@ class Tally:
 
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    states: Counter[str] = field(default_factory=Counter)
+    started: list[float] = field(default_factory=list)
+
+    def windows(self, origin: float, width: float = 10.0) -> list[dict[str, Any]]:
+        """p50/p99 per `width`-second window from `origin`: tells a steady tail from one
+        phase's (connections opening, the job starting or ending)."""
+        buckets: dict[int, list[float]] = {}
+        for start, latency in zip(self.started, self.latencies, strict=True):
+            buckets.setdefault(int((start - origin) // width), []).append(latency)
+        out = []
+        for index, values in sorted(buckets.items()):
+            values.sort()
+            out.append(
+                {
+                    "from_s": index * width,
+                    "answered": len(values),
+                    "p50_ms": round(1000 * values[len(values) // 2], 1),
+                    "p99_ms": round(
+                        1000 * values[min(len(values) - 1, len(values) * 99 // 100)], 1
+                    ),
+                    "max_ms": round(1000 * values[-1], 1),
+                }
+            )
+        return out
 
     def summary(self, seconds: float | None = None) -> dict[str, Any]:
         ordered = sorted(self.latencies)
         out: dict[str, Any] = {"answered": len(ordered), "errors": dict(self.errors)}
+        if self.states:
+            out["job_states"] = dict(self.states)
         if seconds:
             out["per_second"] = round(len(ordered) / seconds, 1)
         if ordered:
@@ -92,10 +122,12 @@ async def _client(
     tally: Tally,
     keep_alive: bool = True,
     timeout: float = _TIMEOUT,
+    track_state: bool = False,
 ) -> None:
     """Ask `path` every `period` seconds until the clock passes `stop`: a poller keeps its
     connection (reconnecting after a failure), a probe opens a fresh one each time, as an
-    orchestrator's does."""
+    orchestrator's does. `track_state` counts the polled job's states, which tells whether
+    the job really ran during the measurement."""
     connection = None
     while time.monotonic() < stop:
         started = time.monotonic()
@@ -104,9 +136,12 @@ async def _client(
                 connection = await asyncio.wait_for(
                     asyncio.open_connection("127.0.0.1", port), timeout
                 )
-            status, _ = await asyncio.wait_for(_request(*connection, path, headers), timeout)
+            status, body = await asyncio.wait_for(_request(*connection, path, headers), timeout)
             if status == 200:
                 tally.latencies.append(time.monotonic() - started)
+                tally.started.append(started)
+                if track_state:
+                    tally.states[json.loads(body).get("state", "?")] += 1
             else:
                 tally.errors[f"http {status}"] += 1
         except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as error:
@@ -139,7 +174,8 @@ async def _load(
     tasks = [
         asyncio.create_task(
             _delayed(
-                i * interval / pollers, _client(port, job_path, headers, interval, stop, polls)
+                i * interval / pollers,
+                _client(port, job_path, headers, interval, stop, polls, track_state=True),
             )
         )
         for i in range(pollers)
@@ -153,6 +189,7 @@ async def _load(
     )
     return {
         "polls": polls.summary(elapsed),
+        "polls_by_10s": polls.windows(started),
         **{name: tally.summary() for name, tally in {**probes, **tails}.items()},
     }
 
@@ -226,9 +263,12 @@ def seed_job(database_url: str, tenant_name: str) -> str:
     return job.id
 
 
-def submit_real_job(url: str, key: str, work: Path) -> str:
+def submit_real_jobs(url: str, key: str, work: Path, count: int = 4) -> list[str]:
     """Register a tiny recommender (random tiny model, briefly trained adapter) through the
-    API and submit a debias job on it, so that the worker runs while the pollers poll."""
+    API and submit `count` debias jobs on it, so that the worker runs while the pollers
+    poll: one tiny job can end (often `repair_rejected`, the tiny model has no bias to
+    repair) within seconds, and the worker runs the others one after another. The default
+    is the tenant's quota of unfinished jobs (FUDLR_MAX_TENANT_JOBS)."""
     from clients.sdk import Client
     from fudlr.data.builder import build_movielens_bundle
     from fudlr.data.bundle import Bundle
@@ -243,13 +283,31 @@ def submit_real_job(url: str, key: str, work: Path) -> str:
     model_dir = work / "models" / "tiny"
     build_tiny_model(model_dir, corpus=titles)
     adapter = work / "adapter"
-    train_adapter(model_dir, bundle_dir, adapter, TrainConfig(epochs=1, batch_size=8))
+    train_adapter(
+        model_dir,
+        Bundle.load(bundle_dir),
+        adapter,
+        TrainConfig(epochs=1, batch_size=8),
+        device="cpu",
+    )
     with Client(url, key) as client:
         recommender = client.register("load", model_dir, adapter, bundle_dir)
         client.wait_ready(recommender.id, timeout=600)
         options = {"query_users": 8, "guard_users": 8, "random_control": "off"}
-        job = client.submit(recommender.id, ["item:popularity_group:MGU@5"], options=options)
-    return job.id
+        return [
+            client.submit(recommender.id, ["item:popularity_group:MGU@5"], options=options).id
+            for _ in range(count)
+        ]
+
+
+def _final_state(url: str, key: str, job_id: str) -> dict[str, Any]:
+    """A job after the load (the first is the polled one): still running, or how it ended."""
+    import httpx
+
+    body = httpx.get(
+        f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ).json()
+    return {name: body.get(name) for name in ("id", "state", "stage", "progress", "error")}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -287,14 +345,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tenant = f"load-{secrets.token_hex(3)}"
             key = create_key(env, tenant)
             if args.job:
-                job_id = submit_real_job(env["FUDLR_URL"], key, work)
+                job_ids = submit_real_jobs(env["FUDLR_URL"], key, work)
             else:
                 url = os.environ.get("FUDLR_DATABASE_URL")
-                job_id = seed_job(url or f"sqlite:///{work / 'data' / 'fudlr.db'}", tenant)
+                job_ids = [seed_job(url or f"sqlite:///{work / 'data' / 'fudlr.db'}", tenant)]
+            # this process imported the method and trained the adapter (--job): without a
+            # freeze its own full collections pause the pollers' loop for ~150 ms, which
+            # the measurement would blame on the server
+            gc.collect()
+            gc.freeze()
             figures = asyncio.run(
                 _load(
                     port,
-                    f"/v1/jobs/{job_id}",
+                    f"/v1/jobs/{job_ids[0]}",
                     key,
                     args.pollers,
                     args.seconds,
@@ -302,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     args.after,
                 )
             )
+            jobs = [_final_state(env["FUDLR_URL"], key, job_id) for job_id in job_ids]
         log_tail = (work / "serve.log").read_text(errors="replace").splitlines()[-20:]
     results = {
         "database": database,
@@ -310,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "interval": args.interval,
         "debias_job": args.job,
         **figures,
+        "jobs_after": jobs,
         "commit": commit(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end",

@@ -116,6 +116,8 @@ def worker(
     ]
     if pool == "prefork":
         argv += ["--max-tasks-per-child", "1"]
+    # below the API on a shared machine; prefork children inherit it
+    os.nice(settings.worker_nice)
     create_worker_app(settings).worker_main(argv)
 
 

@@ -7,6 +7,7 @@ service.app:create_app --factory` reads the environment.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -53,12 +54,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.auto_migrate:
             await asyncio.to_thread(migrate, context.engine)
         await asyncio.to_thread(settle_trash, context.sessions, context.storage)
+        # the ~170k objects of the imports (FastAPI, pydantic, SQLAlchemy, the method's
+        # schemas) live as long as the process; frozen, a full collection no longer walks
+        # them: under load those collections stopped every thread for 70-130 ms (the p99)
+        gc.collect()
+        gc.freeze()
         reaper = asyncio.create_task(_reap_forever(context))
         try:
             yield
         finally:
             reaper.cancel()
             context.engine.dispose()
+            gc.unfreeze()  # a process that builds apps again (tests) frees their cycles
 
     app = FastAPI(
         title="FUDLR",

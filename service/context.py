@@ -66,7 +66,9 @@ class Context:
         )
 
 
-def get_context(request: Request) -> Context:
+async def get_context(request: Request) -> Context:
+    """Async: it only reads app state, and a sync dependency would cost every request a
+    trip through the thread pool (a wait for a thread and for the GIL under load)."""
     return request.app.state.context
 
 

@@ -98,6 +98,15 @@ class Settings(BaseSettings):
 
     queue: str = "gpu"
     device: str = "auto"
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="how much a worker lowers its CPU priority (os.nice) before it takes "
+        "tasks: a job's training and decoding use every core, and on a machine it shares "
+        "with the API (embedded `fudlr serve`) requests and probes must come first; 0 keeps "
+        "the inherited priority",
+    )
     lease_seconds: float = Field(120.0, gt=0)
     heartbeat_seconds: float | None = Field(None, gt=0)
     cancel_poll_seconds: float = Field(1.0, ge=0)
