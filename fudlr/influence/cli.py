@@ -48,6 +48,7 @@ def index(
     from fudlr.control import Control
     from fudlr.data.bundle import Bundle
     from fudlr.influence.index import IndexConfig, build_index
+    from fudlr.influence.manifest import candidate_positions
 
     config = IndexConfig(
         kind=kind,
@@ -71,9 +72,9 @@ def index(
         manifest = build_index(base_model, adapter, data, out, config, device, control)
     seconds = ", ".join(f"{stage} {value:.1f}s" for stage, value in manifest["seconds"].items())
     stored = manifest["projection"]
-    indexed = len(manifest["candidates"] or range(manifest["samples"]))
     console.print(
-        f"index: {out}\nsamples: {manifest['samples']} (indexed: {indexed})  "
+        f"index: {out}\nsamples: {manifest['samples']} "
+        f"(indexed: {len(candidate_positions(manifest))})  "
         f"LoRA weights: {manifest['dim']:,}  "
         f"cached: {stored['kind']}, {stored['dim']:,} numbers "
         f"({manifest['bytes_per_sample']:,} bytes) per sample  time: {seconds}"

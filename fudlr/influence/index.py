@@ -29,7 +29,13 @@ from fudlr.influence.curvature import FISHERS, KINDS, Curvature
 from fudlr.influence.eigenbasis import EigenProjection
 from fudlr.influence.gradients import GradientCache
 from fudlr.influence.layout import ParameterLayout
-from fudlr.influence.manifest import FORMAT, MANIFEST, READABLE_FORMATS, stored_projection
+from fudlr.influence.manifest import (
+    FORMAT,
+    MANIFEST,
+    READABLE_FORMATS,
+    candidate_positions,
+    stored_projection,
+)
 from fudlr.influence.projection import DEFAULT_PROJECTION, DEFAULT_PROJECTION_DIM, Projection
 
 CURVATURE = "curvature.safetensors"
@@ -145,7 +151,7 @@ class TrainingIndex:
     @property
     def candidates(self) -> list[int]:
         """Positions in the training set of the indexed samples, in the cache's row order."""
-        return self.manifest.get("candidates") or list(range(self.samples))
+        return candidate_positions(self.manifest)
 
     @property
     def projection_kind(self) -> Projection:
@@ -206,8 +212,7 @@ class TrainingIndex:
             if stored_projection(manifest) == Projection.EIGENBASIS:
                 projection = EigenProjection.load(root / PROJECTION, layout)
                 dim = projection.dim
-            rows = len(manifest.get("candidates") or range(manifest["samples"]))
-            cache = GradientCache(root, rows, dim)
+            cache = GradientCache(root, len(candidate_positions(manifest)), dim)
         return cls(root, manifest, Curvature.load(root / CURVATURE), layout, cache, projection)
 
 

@@ -17,3 +17,9 @@ READABLE_FORMATS = (1, 2, 3)
 def stored_projection(manifest: dict[str, Any]) -> Projection:
     """The projection an index manifest records (indexes from before projections: dense)."""
     return Projection(manifest.get("projection", {}).get("kind", Projection.DENSE))
+
+
+def candidate_positions(manifest: dict[str, Any]) -> list[int]:
+    """Positions in the training set of the samples an index holds, in its rows' order
+    (every sample unless it was built with `candidates`)."""
+    return manifest.get("candidates") or list(range(manifest["samples"]))

@@ -176,7 +176,7 @@ class DebiasConfig:
             )
         if (self.temperature is not None and self.temperature <= 0) or self.pool_per_group < 1:
             raise InputError("temperature must be positive and pool_per_group at least 1")
-        deepest = max(self.k_for_accuracy, *REPORTED_KS, *(bias.k for bias in self.biases))
+        deepest = max(self.accuracy_k, *REPORTED_KS, *(bias.k for bias in self.biases))
         if self.recommend.decoding == Decoding.CONSTRAINED and self.recommend.top is None:
             # constrained lists are as long as the deepest K measured, no longer: each
             # item costs beam search
@@ -187,11 +187,6 @@ class DebiasConfig:
                 f"K = {deepest}; ask for at least {deepest} (top)",
                 field="top",
             )
-
-    @property
-    def k_for_accuracy(self) -> int:
-        """The K of the accuracy the guard judges (the name the pipeline reads)."""
-        return self.accuracy_k
 
 
 def default(name: str) -> Any:
@@ -290,10 +285,12 @@ def screened(
     return replace(config, biases=kept), dropped
 
 
-def check_job(bundle: Bundle, config: DebiasConfig) -> dict[str, Groups]:
+def check_job(
+    bundle: Bundle, config: DebiasConfig
+) -> tuple[dict[str, Groups], DebiasConfig, list[dict[str, str]]]:
     """Every check that needs no model: specs against the bundle, the splits it uses, and
     whether the guard users' data can measure each bias (refused, or dropped where the
-    job allows)."""
+    job allows). The groups of every bias, the job on the biases kept, the dropped ones."""
     for split in ("train", "valid"):
         if not bundle.split(split):
             raise InputError(f"the {split} split is empty", file=bundle.root / f"{split}.jsonl")
@@ -306,5 +303,4 @@ def check_job(bundle: Bundle, config: DebiasConfig) -> dict[str, Groups]:
         )
     groups = {bias.label: bias.groups(bundle, "valid") for bias in config.biases}
     check_decodable(bundle, config.recommend)
-    screened(config, unmeasurable_in_data(bundle, config, groups))
-    return groups
+    return groups, *screened(config, unmeasurable_in_data(bundle, config, groups))

@@ -322,9 +322,9 @@ def accuracy_check(
     was, now = gains(before), gains(after)
     drops = []
     for resampled in resampled_users(rows, seed, resamples):
-        total = sum(was[row.sample_id] for row in resampled)
-        lost = total - sum(now[row.sample_id] for row in resampled)
-        drops.append(lost / total if total > 0 else 0.0)
+        gained = sum(was[row.sample_id] for row in resampled)
+        lost = gained - sum(now[row.sample_id] for row in resampled)
+        drops.append(lost / gained if gained > 0 else 0.0)
     drops.sort()
     tail = (1 - ACCURACY_INTERVAL) / 2
     hits = sum(int(hit_at_k(before.top_lists[row.user_id], row.target, k)) for row in rows)

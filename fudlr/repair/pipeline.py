@@ -31,7 +31,6 @@ from fudlr.repair.config import (
     guard_subset,
     screened,
     subset,
-    unmeasurable_in_data,
 )
 from fudlr.repair.guard import Measurement
 from fudlr.repair.mask import FairnessTarget, Selection, learn_mask
@@ -85,12 +84,10 @@ class DebiasJob:
         self.timings: dict[str, float] = {}
         self.step_search: list[dict] = []  # every η on the query users, best first (run())
         self._clock = time.perf_counter()
-        self.groups = check_job(bundle, config)
-        # biases the guard users cannot measure: refused by check_job, or dropped here
-        config, self.dropped = screened(config, unmeasurable_in_data(bundle, config, self.groups))
+        # biases the guard users' data cannot measure are refused, or dropped if allowed
+        self.groups, config, self.dropped = check_job(bundle, config)
         self.config = config
-        for dropped in self.dropped:
-            self.control.event(f"dropped {dropped['bias']}: {dropped['reason']}")
+        self._announce_dropped(self.dropped)
         self.samples = training_samples(bundle, adapter_dir)
         self.index = TrainingIndex.load(
             index_dir,
@@ -130,7 +127,7 @@ class DebiasJob:
             split,
             rows,
             config.biases,
-            config.k_for_accuracy,
+            config.accuracy_k,
             config.recommend,
         )
 
@@ -148,7 +145,7 @@ class DebiasJob:
             split,
             rows,
             config.biases,
-            config.k_for_accuracy,
+            config.accuracy_k,
             config.recommend,
         )
 
@@ -161,11 +158,15 @@ class DebiasJob:
                 rows,
                 ranked.by_user(rows),
                 config.biases,
-                config.k_for_accuracy,
+                config.accuracy_k,
                 ranked.exact_matches,
             )
 
         return cached_measure(self.measurements, key, compute)
+
+    def _announce_dropped(self, dropped: list[dict[str, str]]) -> None:
+        for entry in dropped:
+            self.control.event(f"dropped {entry['bias']}: {entry['reason']}")
 
     def measurable(self, before: Measurement) -> Measurement:
         """The guard users' original measurement on the biases it can measure: a user bias
@@ -178,15 +179,14 @@ class DebiasJob:
             return before
         self.config, dropped = screened(self.config, reasons)
         self.dropped += dropped
-        for entry in dropped:
-            self.control.event(f"dropped {entry['bias']}: {entry['reason']}")
+        self._announce_dropped(dropped)
         return measurement_of(
             self.bundle,
             "valid",
             self.guard_rows,
             before.top_lists,
             self.config.biases,
-            self.config.k_for_accuracy,
+            self.config.accuracy_k,
             before.exact_matches,
         )
 
