@@ -295,7 +295,6 @@ def reference_job(
         console.rule(f"reference job ({run})")
         started = time.perf_counter()
         outcome = "accepted"
-        job = None
         try:
             job = DebiasJob(
                 model_dir, ADAPTER, bundle, index_dir, config, measurements=measurements
