@@ -25,14 +25,14 @@ from bench.common import commit, machine, run_of
 from fudlr.baselines.popularity import interaction_counts, most_popular
 from fudlr.baselines.rerank import ALPHAS, Candidate, choose_alpha, distance_scale, group_bias
 from fudlr.baselines.reweight import ifairlrs_weights
-from fudlr.data.bundle import Bundle
+from fudlr.data.bundle import Bundle, subset
 from fudlr.fairness.groups import item_groups
 from fudlr.fairness.metrics import evaluate
 from fudlr.influence.index import IndexConfig, build_index, training_samples
 from fudlr.models.store import weights_digest
 from fudlr.recommender.recommend import Decoding, Ranked, RecommendConfig, Recommender
 from fudlr.recommender.train import TrainConfig, train_adapter
-from fudlr.repair.config import DebiasConfig, subset
+from fudlr.repair.config import DebiasConfig
 from fudlr.repair.pipeline import DebiasJob, RepairRejected
 from fudlr.repair.spec import BiasSpec
 

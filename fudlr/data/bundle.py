@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +88,15 @@ class Bundle:
             hasher.update(name.encode())
             hasher.update(path.read_bytes() if path.is_file() else b"<absent>")
         return hasher.hexdigest()
+
+
+def subset(rows: Sequence[SampleRow], count: int | None, seed: int) -> list[SampleRow]:
+    """A fixed-seed subset of `count` rows in their original order (None = all): the same
+    users wherever the same split, count and seed are asked for."""
+    if count is None or count >= len(rows):
+        return list(rows)
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), count))
+    return [rows[index] for index in chosen]
 
 
 def _load_unique(path: Path, schema: type, key: str) -> dict:

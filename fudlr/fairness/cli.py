@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fudlr.data.bundle import Bundle
+from fudlr.data.bundle import Bundle, subset
 from fudlr.data.schema import SPLITS
 from fudlr.errors import InputError
 from fudlr.fairness.metrics import (
@@ -48,6 +48,13 @@ def metrics(
         Path | None, typer.Option(help="Write a PNG of historical vs recommended group shares.")
     ] = None,
     plot_k: Annotated[int | None, typer.Option(help="K of the plot (default: largest).")] = None,
+    users: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Only the fixed-seed subset of this many users `fudlr recommend` took."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --users subset.")] = 0,
 ) -> None:
     """Accuracy (NDCG@K, HR@K) and fairness (GU/MGU/DGU, user-group NDCG gap) of top-K lists."""
     if split not in SPLITS:
@@ -55,7 +62,10 @@ def metrics(
     ks = parse_ks(k)
     loaded = Bundle.load(bundle, splits=(split,))
     rankings = load_recommendations(recommendations, loaded)
-    report = evaluate(loaded, split, rankings, ks, item_groups, user_groups, source=recommendations)
+    rows = subset(loaded.split(split), users, seed)
+    report = evaluate(
+        loaded, split, rankings, ks, item_groups, user_groups, source=recommendations, rows=rows
+    )
     if plot is not None:
         from fudlr.fairness.plot import plot_report  # matplotlib, only when asked to plot
 

@@ -105,6 +105,10 @@ def recommend(
     ),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for generation."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    users: int = typer.Option(
+        None, min=1, help="Only a fixed-seed subset of this many users (default: all)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the --users subset (`fudlr metrics` takes it too)."),
 ) -> None:
     """Recommend K items per user of a split (constrained decoding) or rank the whole
     catalog by a generated title (grounded), and write the lists."""
@@ -127,7 +131,9 @@ def recommend(
         def show(done: int, total: int) -> None:
             bar.update(0, completed=done, total=total)
 
-        report = run_recommend(base_model, adapter, data, split, out, config, device, show)
+        report = run_recommend(
+            base_model, adapter, data, split, out, config, device, show, users, seed
+        )
     console.print(
         f"recommendations: {out}\nusers: {report.users}  generations that are exact catalog "
         f"titles: {report.exact_matches} ({report.exact_matches / report.users:.0%})  "

@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fudlr.data.bundle import Bundle
+from fudlr.data.bundle import Bundle, subset
 from fudlr.data.schema import SampleRow
 from fudlr.errors import InputError
 
@@ -370,9 +370,13 @@ def recommend(
     config: RecommendConfig = RecommendConfig(),
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    users: int | None = None,
+    seed: int = 0,
 ) -> RecommendReport:
-    """Rank the catalog for every row of `split` and write recommendations.jsonl."""
-    rows = one_row_per_user(bundle, split)
+    """Rank the catalog for every row of `split` (or a fixed-seed subset of `users` of them:
+    `subset`, so `fudlr metrics` can evaluate the same users) and write
+    recommendations.jsonl."""
+    rows = subset(one_row_per_user(bundle, split), users, seed)
     recommender = Recommender.load(base_model_dir, adapter_dir, bundle, device)
     started = time.perf_counter()
     done = 0

@@ -6,12 +6,11 @@ torch is never imported; the pipeline then runs them.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from fudlr.data.bundle import Bundle
+from fudlr.data.bundle import Bundle, subset
 from fudlr.data.schema import SampleRow
 from fudlr.errors import InputError
 from fudlr.fairness.groups import Groups
@@ -209,14 +208,6 @@ def check_distinct(biases: Sequence[BiasSpec]) -> None:
     labels = [bias.label for bias in biases]
     if len(set(labels)) != len(labels):
         raise InputError(f"the same bias is given twice: {', '.join(labels)}", field="biases")
-
-
-def subset(rows: Sequence[SampleRow], count: int | None, seed: int) -> list[SampleRow]:
-    """A fixed-seed subset of `count` rows in their original order (None = all)."""
-    if count is None or count >= len(rows):
-        return list(rows)
-    chosen = sorted(random.Random(seed).sample(range(len(rows)), count))
-    return [rows[index] for index in chosen]
 
 
 def guard_subset(bundle: Bundle, config: DebiasConfig) -> list[SampleRow]:

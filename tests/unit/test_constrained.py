@@ -150,6 +150,32 @@ def test_recommend_cli_writes_constrained_lists_and_refuses_unknown_decodings(
     assert config.list_length is None
 
 
+def test_recommend_and_metrics_take_the_same_subset_of_users(
+    tmp_path: Path, tiny_model: Path, tiny_bundle: Path, tiny_adapter, capsys
+) -> None:
+    out, report = tmp_path / "recs.jsonl", tmp_path / "metrics.json"
+    every_user = [row.user_id for row in Bundle.load(tiny_bundle).split("test")]
+    code, _, err = run_cli(
+        [
+            *("recommend", "--base-model", str(tiny_model), "--adapter", str(tiny_adapter[0])),
+            *("--bundle", str(tiny_bundle), "--out", str(out), "--top", "3"),
+            *("--users", "4", "--seed", "5"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    users = [json.loads(line)["user_id"] for line in out.read_text().splitlines()]
+    assert len(users) == 4 and users == [user for user in every_user if user in users]
+    metrics = ["metrics", "--bundle", str(tiny_bundle), "--recommendations", str(out)]
+    metrics += ["--k", "1,3", "--out", str(report)]
+    code, _, err = run_cli([*metrics, "--users", "4", "--seed", "5"], capsys)
+    assert code == 0, err
+    assert json.loads(report.read_text())["users"] == 4
+    code, _, err = run_cli([*metrics, "--users", "4", "--seed", "6"], capsys)  # other users
+    assert code == 1 and "no recommendations for user" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_check_decodable_refuses_twin_titles_and_unfillable_lists(
     tmp_path: Path, tiny_bundle: Path
 ) -> None:
