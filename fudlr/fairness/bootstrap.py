@@ -9,7 +9,7 @@ hundred users, so a rate without this interval says little.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -67,5 +67,36 @@ def paired_difference(
         confidence=confidence,
         p_not_above=float((means <= 0).mean()),
         users=len(differences),
+        resamples=resamples,
+    )
+
+
+def paired_change(
+    rows: Sequence[Row],
+    before: Callable[[Sequence[Row]], float],
+    after: Callable[[Sequence[Row]], float],
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """The bootstrap of after(users) - before(users) for a metric of a whole set of users
+    (a group share, an unfairness), which is not a mean of per-user values: each resample
+    of the users is measured under both systems."""
+    import numpy as np
+
+    if not rows:
+        raise ValueError("a paired change needs users")
+    changes = np.asarray(
+        [after(sample) - before(sample) for sample in resampled_users(rows, seed, resamples)]
+    )
+    tail = (1 - confidence) / 2
+    return PairedDifference(
+        mean=float(after(rows) - before(rows)),
+        low=float(np.quantile(changes, tail)),
+        high=float(np.quantile(changes, 1 - tail)),
+        confidence=confidence,
+        p_not_above=float((changes <= 0).mean()),
+        users=len(rows),
         resamples=resamples,
     )

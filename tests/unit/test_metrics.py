@@ -328,3 +328,25 @@ def test_fudlr_metrics_errors_are_one_line_exit_2(
     assert len(lines) == 1
     assert lines[0].startswith("error: ")
     assert message in lines[0]
+
+
+def test_a_paired_change_resamples_the_users_under_both_systems() -> None:
+    from fudlr.fairness.bootstrap import paired_change
+
+    # each user: (served by the original, served after the repair); the repair serves
+    # every user the original did and 20 more, so the share rises by 0.2 in every resample
+    users = [(i < 30, i < 50) for i in range(100)]
+
+    def share(position: int):
+        return lambda rows: sum(row[position] for row in rows) / len(rows)
+
+    rise = paired_change(users, share(0), share(1), resamples=300, seed=1)
+    assert rise.mean == pytest.approx(0.2) and 0.1 < rise.low <= rise.mean <= rise.high < 0.3
+    assert rise.p_not_above == 0.0 and rise.users == 100 and rise.resamples == 300
+    same = paired_change(users, share(0), share(0), resamples=50)
+    assert same.mean == same.low == same.high == 0 and same.p_not_above == 1.0
+    # a set metric that is not a mean of per-user values: the gap between the two shares
+    gap = paired_change(users, lambda rows: 0.0, lambda rows: share(1)(rows) - share(0)(rows))
+    assert gap.low > 0.1
+    with pytest.raises(ValueError, match="needs users"):
+        paired_change([], share(0), share(1))
