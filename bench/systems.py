@@ -427,11 +427,12 @@ class SystemsBench:
 
     def random_removal(self, job: DebiasJob, weights: list[float], eta: float) -> None:
         """The same Newton step and η as FUDLR's, on as many random training samples with
-        FUDLR's weights (the job's `random_step`: the samples its own control draws)."""
+        FUDLR's weights (`random_step`: the samples the job's random control draws)."""
+        from fudlr.repair.acceptance import random_step
         from fudlr.repair.unlearn import WeightPatcher
 
         started = _clock()
-        patcher = WeightPatcher(job.model, job.random_step(weights))
+        patcher = WeightPatcher(job.model, random_step(job, weights))
         patcher.apply(eta)
         seconds = _clock() - started
         try:

@@ -25,6 +25,7 @@ from fudlr.models.lora import load_adapter
 from fudlr.models.store import load_base_model
 from fudlr.recommender.recommend import Decoding, RecommendConfig
 from fudlr.recommender.train import train_adapter
+from fudlr.repair.acceptance import random_step, rank_step_sizes
 from fudlr.repair.cli import guard_notes, result_table
 from fudlr.repair.config import DebiasConfig, MaskConfig
 from fudlr.repair.guard import (
@@ -36,6 +37,8 @@ from fudlr.repair.guard import (
     verdict,
 )
 from fudlr.repair.pipeline import DebiasJob
+from fudlr.repair.queries import compute_queries
+from fudlr.repair.selection import sample_gradients, score_samples
 from fudlr.repair.spec import BiasSpec
 from tests.conftest import TINY_RECIPE, planted_bundle, run_cli
 
@@ -266,7 +269,7 @@ def test_a_job_on_a_candidate_index_numbers_its_rows_by_the_candidates(
     project = partial(job.index.projection.project, job.index.curvature)
     recomputed = dict(
         (i, project(job.layout.unflatten(row[None]))[0])
-        for indices, rows in job._sample_gradients(range(9))
+        for indices, rows in sample_gradients(job, range(9))
         for i, row in zip(indices, rows, strict=True)
     )
     cached = torch.cat([rows for _, rows in job.index.cache.read()])
@@ -274,10 +277,9 @@ def test_a_job_on_a_candidate_index_numbers_its_rows_by_the_candidates(
         assert torch.allclose(
             recomputed[i], cached[i], rtol=2e-2, atol=2e-3 * cached[i].abs().max()
         )
-    quantities, history = job.queries()
-    scores, _ = job.scores(quantities, history)
+    scores, _ = score_samples(job, compute_queries(job))
     assert scores.shape[0] == 9
-    step = job.random_step([1.0, 1.0])
+    step = random_step(job, [1.0, 1.0])
     assert set(step) == set(job.layout.names)
 
 
@@ -384,7 +386,7 @@ def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path,
     [(2, [1.0, 0.5, 0.25, 0.125, 1 / 16]), (None, [1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 32])],
 )
 def test_the_step_search_stops_after_sizes_worse_than_its_best(
-    patience: int | None, tried: list[float]
+    patience: int | None, tried: list[float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Largest first: the overshooting sizes do not stop the search, a minimum followed by
     `step_patience` worse sizes does, and every size tried is reported best first."""
@@ -399,19 +401,19 @@ def test_the_step_search_stops_after_sizes_worse_than_its_best(
     job.config = DebiasConfig(
         biases=(BiasSpec.parse(label),), step_sizes=tuple(changes), step_patience=patience
     )
-    job.control, job.timings, job._clock = Control(), {}, 0.0
+    job.progress, job.timings, job._clock = Control(), {}, 0.0
     applied: list[float] = []
     patcher = SimpleNamespace(apply=applied.append, restore=lambda: None)
     job.measure = lambda split, rows: SimpleNamespace(
         biases={label: 1.0 + changes[applied[-1]]}, ndcg=0.1
     )
-    job._share_changes = lambda before, after, predicted, eta: {}
+    monkeypatch.setattr("fudlr.repair.acceptance.share_changes", lambda *arguments: {})
     job.query_rows = []
     before = SimpleNamespace(biases={label: 1.0}, ndcg=0.1)
-    trials = job.rank_step_sizes(patcher, before, {})
+    trials = rank_step_sizes(job, patcher, before, {})
     assert applied == tried
-    assert [trial["eta"] for trial in trials][:3] == [0.25, 0.125, 0.5]
-    assert trials[0]["improves"] and not trials[-1]["improves"]
+    assert [trial.eta for trial in trials][:3] == [0.25, 0.125, 0.5]
+    assert trials[0].improves and not trials[-1].improves
 
 
 def test_the_guard_weighs_a_change_against_the_guard_users_noise(tiny_bundle: Path) -> None:
