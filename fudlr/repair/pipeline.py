@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from fudlr.control import Control
-from fudlr.data.bundle import Bundle
+from fudlr.data.bundle import Bundle, subset
 from fudlr.data.schema import SampleRow
 from fudlr.errors import FudlrError, InputError
 from fudlr.recommender.recommend import Ranked
@@ -26,7 +26,6 @@ from fudlr.repair.config import (
     check_projection,
     guard_subset,
     screened,
-    subset,
 )
 from fudlr.repair.guard import (
     Measurement,
