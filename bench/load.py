@@ -272,9 +272,9 @@ def submit_real_jobs(url: str, key: str, work: Path, count: int = 4) -> list[str
     from clients.sdk import Client
     from fudlr.data.builder import build_movielens_bundle
     from fudlr.data.bundle import Bundle
+    from fudlr.data.tiny import make_tiny_movielens
     from fudlr.models.tiny import build_tiny_model
     from fudlr.recommender.train import TrainConfig, train_adapter
-    from tests.conftest import make_tiny_movielens
 
     source = make_tiny_movielens(users=24, items=40).write(work / "source")
     bundle_dir = work / "bundle"
