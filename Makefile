@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fudlr-installed
 
-.PHONY: install demo test lint bench bench-quick bench-engine reference reference-metrics clean
+.PHONY: install demo test lint bench bench-quick bench-engine bench-lds reference reference-metrics clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ bench-quick: $(STAMP)
 # training recipes, influence throughput and job cost (bench/engine.py); full: ~45 min on 2 CPU cores
 bench-engine: $(STAMP)
 	$(BIN)/python -m bench.engine
+
+# fidelity as the field scores it: LDS of the influence scores on the tiny model (bench/lds.py);
+# 256 retrainings, about an hour on 2 shared CPU cores; LDS_ARGS=--quick for a smoke run
+bench-lds: $(STAMP)
+	$(BIN)/python -m bench.lds $(LDS_ARGS)
 
 # the reference recommender (reference/): retrain it from its recipe (seeded; about an hour on
 # 2 CPU cores with native bf16), or measure the committed adapter against most-popular
