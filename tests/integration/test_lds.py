@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.lds import Probe, lds, main, random_subsets, ranks, spearman
+from bench.lds import Probe, damping_sweep, lds, main, random_subsets, ranks, spearman
 from fudlr.data.bundle import Bundle
 from fudlr.models.lora import load_adapter
 from fudlr.models.store import load_base_model
@@ -45,6 +45,21 @@ def test_lds_of_known_datamodels() -> None:
     assert all(0.5 < value < 0.9 for value in lds(predicted, noisy))
 
 
+def test_the_damping_sweep_chooses_on_the_first_half_and_holds_out_the_second() -> None:
+    """Of two scorings (one per damping factor), the sweep picks the one whose predictions
+    rank the first half of the subsets best, and reports its LDS on the second half."""
+    generator = torch.Generator().manual_seed(0)
+    samples, count = 40, 100
+    removed = (~random_subsets(samples, count, 0.5, seed=2)).double()
+    true = torch.randn(samples, 2, generator=generator, dtype=torch.float64)
+    actual = removed @ true
+    wrong = torch.randn(samples, 2, generator=generator, dtype=torch.float64)
+    sweep = damping_sweep(["a", "b"], removed, actual, {1.0: wrong, 10.0: true})
+    assert sweep["chosen_on_first_half"] == "10.0" == sweep["default"]
+    assert sweep["factors"]["10.0"]["second_half"]["mean"] == pytest.approx(1.0)
+    assert sweep["factors"]["1.0"]["mean"] < 0.5
+
+
 @pytest.mark.slow
 def test_quick_profile_writes_every_field(tmp_path: Path) -> None:
     """`python -m bench.lds --quick` end to end: the results carry every method's LDS for
@@ -71,7 +86,9 @@ def test_quick_profile_writes_every_field(tmp_path: Path) -> None:
         assert method["mean"] is not None and method["user_loss_mean"] is not None
     small = results["methods"]["ekfac_eigenbasis_small"]["index"]["projection"]
     assert small["dim"] < results["methods"]["ekfac_dense"]["index"]["lora_weights"]
-    assert set(results["damping_sweep"]["factors"]) == {"0.1", "1.0", "10.0", "100.0"}
+    sweep = results["damping_sweep"]
+    assert sweep["default"] in sweep["factors"]
+    assert sweep["factors"][sweep["default"]]["mean"] == results["methods"]["ekfac_dense"]["mean"]
     assert torch.tensor(values["retrained"]).shape == (4, 1, len(names))
     assert all(len(row) == 94 for row in values["left_out"])  # α = 0.5 of 188
     assert set(values["predicted"]) == set(results["methods"])
