@@ -37,7 +37,7 @@ bench-engine: $(STAMP)
 	$(BIN)/python -m bench.engine
 
 # fidelity as the field scores it: LDS of the influence scores on the tiny model (bench/lds.py);
-# 256 retrainings, about an hour on 2 shared CPU cores; LDS_ARGS=--quick for a smoke run
+# 256 retrainings, about half an hour on 2 shared CPU cores; LDS_ARGS=--quick for a smoke run
 bench-lds: $(STAMP)
 	$(BIN)/python -m bench.lds $(LDS_ARGS)
 

@@ -132,7 +132,7 @@ class LdsProfile:
 PROFILES = {
     "quick": LdsProfile(name="quick", subsets=4, seeds=1, estimate="minutes on 2 CPU cores"),
     "full": LdsProfile(
-        name="full", subsets=64, seeds=4, estimate="about an hour on 2 shared CPU cores"
+        name="full", subsets=64, seeds=4, estimate="about half an hour on 2 shared CPU cores"
     ),
 }
 
