@@ -23,9 +23,9 @@ from fudlr.repair.config import (
     job_config,
 )
 from fudlr.repair.spec import BiasSpec
+from fudlr.states import JobState
 from service.validation import INT32_MAX, Id, RequestModel, Text
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
 _DECLARED: Any = object()
 
 
