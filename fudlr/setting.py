@@ -4,7 +4,8 @@ A job's settings reach it through the API, `fudlr debias` and `fudlr submit`; ea
 those shows the help and refuses what the config would refuse, all read from the field's
 `metadata=setting(...)` (the way PEFT's LoraConfig carries `metadata={"help": ...}`).
 Plain bounds and choices live here; a check that relates values stays code in the
-config's `__post_init__`. No dependency: the API and the client install import it.
+config's `__post_init__`. The standard library only (`option` imports typer when called):
+the API process and the client install import it.
 """
 
 from __future__ import annotations
@@ -110,27 +111,25 @@ def declared(*configs: type) -> dict[str, Declared]:
     return found
 
 
-def option(declared: Declared, *flags: str, server_default: bool = False) -> Any:
+def option(entry: Declared, *flags: str, server_default: bool = False) -> Any:
     """The setting's `typer.Option`: its default, its help with the allowed values, and a
     check that refuses any other value as one line. server_default: None unless given, so
     that a client leaves the value to the server (the help still shows the default)."""
     import typer  # only where a command line is built; the API process never is
 
-    allowed = declared.setting.allowed
-    help_text = (
-        f"{declared.setting.help}; must be {allowed}." if allowed else f"{declared.setting.help}."
-    )
+    allowed = entry.setting.allowed
+    help_text = f"{entry.setting.help}; must be {allowed}." if allowed else f"{entry.setting.help}."
 
     def refuse(value: Any) -> Any:
-        problem = declared.setting.problem(value)
+        problem = entry.setting.problem(value)
         if problem is not None:
             raise typer.BadParameter(problem)
         return value
 
     if server_default:
-        shown = str(declared.default) if declared.default is not None else False
+        shown = str(entry.default) if entry.default is not None else False
         return typer.Option(None, *flags, help=help_text, callback=refuse, show_default=shown)
-    return typer.Option(declared.default, *flags, help=help_text, callback=refuse)
+    return typer.Option(entry.default, *flags, help=help_text, callback=refuse)
 
 
 def check(config: Any) -> None:

@@ -1,7 +1,9 @@
 """What a debias job is asked to do, checked without loading torch or a model.
 
 The service validates job requests with these same objects in its request path, where
-torch is never imported; the pipeline then runs them.
+torch is never imported; the pipeline then runs them. Each setting's default, bounds and
+help are declared on its field (fudlr/setting.py): SETTINGS names them for the API's
+fields and the command lines' options, and job_config builds a job from them by name.
 """
 
 from __future__ import annotations
