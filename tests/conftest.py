@@ -12,6 +12,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from fudlr.data.bundle import Bundle
 from fudlr.data.jsonl import write_rows
 from fudlr.data.sources import ML1M_OCCUPATIONS, ML100K_GENRES
 from fudlr.recommender.train import TrainConfig, train_adapter
+from fudlr.setting import Setting
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -226,3 +228,11 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         main(args)
     out, err = capsys.readouterr()
     return exited.value.code or 0, out, err
+
+
+def out_of_bounds(setting: Setting) -> list[Any]:
+    """A value just outside each of the setting's declared bounds, or not among its choices."""
+    if setting.choices:
+        return ["not-a-choice"]
+    edges = {"ge": -1, "gt": 0, "le": 1, "lt": 0}
+    return [bound + edges[kind] for kind, bound in setting.bounds.items()]

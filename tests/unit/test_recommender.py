@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import check_target_module_exists
 
 from fudlr.data.bundle import Bundle
 from fudlr.errors import InputError
-from fudlr.models.lora import base_model_only, load_adapter
+from fudlr.models.lora import base_model_only, check_targets, load_adapter, target_matches
 from fudlr.models.store import load_base_model, model_digest
 from fudlr.models.tiny import build_tiny_model
 from fudlr.recommender.encoding import collate, encode_sample, per_sample_loss
@@ -210,6 +212,54 @@ def test_adapter_that_does_not_fit_the_base_model_is_refused(
     base, _ = load_base_model(tiny_model)
     with pytest.raises(InputError, match="lacks: no_such_proj"):
         load_adapter(base, broken)
+
+
+MODULES = [
+    "model.embed_tokens",
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.self_attn.v_proj",
+    "model.layers.1.self_attn.q_proj",
+    "model.layers.1.mlp.gate_proj",
+    "lm_head",
+]
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        "q_proj",  # a string is a regular expression over full names: this one matches none
+        r".*\.(q|v)_proj",
+        r"model\.layers\.1\..*",
+        ["q_proj", "v_proj"],
+        ["self_attn.q_proj"],
+        ["layers.0.self_attn.q_proj", "lm_head"],
+        ["proj"],  # a suffix after a '.', not any ending
+    ],
+)
+def test_target_modules_match_module_names_as_peft_matches_them(targets: str | list[str]) -> None:
+    """The service (from safetensors headers) and the method (from the loaded model) check
+    an adapter's target_modules with PEFT's own rule."""
+    config = SimpleNamespace(
+        target_modules=targets,
+        exclude_modules=None,
+        modules_to_save=None,
+        target_parameters=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
+    for name in MODULES:
+        assert target_matches(targets, name) == bool(check_target_module_exists(config, name))
+
+
+def test_target_modules_the_base_model_lacks_are_refused() -> None:
+    check_targets(r".*\.(q|v)_proj", MODULES, "adapter_config.json")
+    check_targets(["q_proj", "self_attn.v_proj"], MODULES, "adapter_config.json")
+    with pytest.raises(InputError, match="'q_proj' matches no module"):
+        check_targets("q_proj", MODULES, "adapter_config.json")
+    with pytest.raises(InputError, match=r"lacks: o_proj, proj$"):
+        check_targets(["q_proj", "o_proj", "proj"], MODULES, "adapter_config.json")
+    with pytest.raises(InputError, match="not a valid regular expression"):
+        check_targets("(q_proj", MODULES, "adapter_config.json")
 
 
 def test_pickled_weights_are_refused(tmp_path: Path, tiny_model: Path) -> None:

@@ -65,8 +65,8 @@ def test_an_unknown_random_control_mode_is_one_cli_line(
     code, _, err = run_cli([*args, "--random-control", "maybe"], capsys)
     assert code == 2
     assert err.strip().splitlines() == [
-        "error: field 'random_control': random_control must be one of off, report, require, "
-        "not 'maybe'"
+        "error: fudlr debias: Invalid value for '--random-control': must be one of off, "
+        "report, require, not 'maybe'"
     ]
     assert not (tmp_path / "out").exists()
 
