@@ -21,7 +21,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def test_the_benchmark_runs_every_system_and_writes_its_results(
     tmp_path: Path, tiny_model: Path, tiny_bundle: Path
 ):
-    bundle = planted_bundle(tiny_bundle, tmp_path / "bundle", copies=60)
+    bundle = planted_bundle(tiny_bundle, tmp_path / "bundle", copies=120)
     profile = BenchProfile(
         name="tiny",
         train_size=10_000,
