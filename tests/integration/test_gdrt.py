@@ -1,16 +1,19 @@
-"""GDRT: its group-DRO loss, its token groups, the history-free prompt, training with it."""
+"""GDRT: its group-DRO loss, its token groups, the history-free prompt, training with it,
+and its system in the benchmark (settings chosen on validation, rerun from recorded ones)."""
 
 from __future__ import annotations
 
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.systems import PROFILES, SYSTEMS, SystemsBench
 from fudlr.baselines.gdrt import (
     GdrtSettings,
     GroupDroLoss,
@@ -180,7 +183,6 @@ def _group_losses(
     return sums / counts
 
 
-@pytest.mark.slow
 def test_gdrt_training_evens_out_the_token_groups(
     tiny_model: Path, tiny_bundle: Path, tiny_adapter, tmp_path: Path
 ):
@@ -232,3 +234,69 @@ def test_gdrt_training_evens_out_the_token_groups(
             weights={},
             token_loss=GroupDroLoss.from_gains(gains, settings),
         )
+
+
+@pytest.mark.slow
+def test_the_benchmark_chooses_gdrt_on_validation_and_reruns_it(
+    tiny_model: Path, tiny_bundle: Path, tmp_path: Path
+):
+    grid = (GdrtSettings(groups=2, tau=0.3), GdrtSettings(groups=4, tau=3.0))
+    # the quick profile scaled to the tiny model and bundle, the service left out
+    profile = replace(
+        PROFILES["quick"],
+        name="tiny",
+        train_size=10_000,
+        scaling_sizes=(),
+        test_users=None,
+        guard_users=12,
+        k=1,
+        num_beams=2,
+        learning_rate=3e-2,
+        max_ndcg_drop=0.5,
+        gdrt_grid=grid,
+        service=False,
+    )
+    # systems recorded by a run before GDRT existed: it is run again alone
+    recorded = tmp_path / "recorded.json"
+    others = {name: {"seconds": 1.0} for name in SYSTEMS if name != "gdrt"}
+    others["fudlr"]["index_seconds"] = 1.0  # the scaling sweep's largest size reads it
+    recorded.write_text(json.dumps({"systems": others, "commit": "earlier"}))
+    work = tmp_path / "work"
+    bench = SystemsBench(profile, tiny_model, tiny_bundle, work, print)
+    with pytest.raises(ValueError, match="lacks gdrt: rerun the benchmark"):
+        bench.recorded(recorded)
+    results = bench.recorded(recorded, rerun=["gdrt"])
+
+    gdrt = results["systems"]["gdrt"]
+    assert list(results["systems_from"]["rerun"]) == ["gdrt"]
+    assert results["original_adapter"]["retrained"]  # the fresh work folder had none
+    assert [c["settings"] for c in gdrt["candidates"]] == [
+        {"groups": 2, "tau": 0.3},
+        {"groups": 4, "tau": 3.0},
+    ]
+    assert gdrt["chosen_by"] == "validation" and gdrt["settings"] in [
+        c["settings"] for c in gdrt["candidates"]
+    ]
+    chosen = choose_settings(
+        [
+            Trial(GdrtSettings(**c["settings"]), c["unfairness"], c["ndcg"])
+            for c in gdrt["candidates"]
+        ],
+        gdrt["original_valid"]["ndcg"],
+        profile.max_ndcg_drop,
+    )
+    assert gdrt["settings"] == {"groups": chosen.settings.groups, "tau": chosen.settings.tau}
+    assert gdrt["seconds"] > gdrt["gains_seconds"] > 0 and gdrt["tuning_seconds"] > 0
+    assert gdrt["metrics"]["users"] == results["test_users"]
+    assert f"G={chosen.settings.groups}" in gdrt["work"]
+    for settings in grid:  # each candidate was trained with its own loss
+        name = f"gdrt-g{settings.groups}-tau{settings.tau}"
+        loss = json.loads((work / name / TRAIN_MANIFEST).read_text())["token_loss"]
+        assert (loss["groups"], loss["tau"]) == (settings.groups, settings.tau)
+
+    # untuned: the defaults, said so
+    untuned = SystemsBench(replace(profile, gdrt_grid=()), tiny_model, tiny_bundle, work, print)
+    untuned.gdrt(work / "original")
+    entry = untuned.systems["gdrt"]
+    assert entry["chosen_by"] == "defaults" and entry["settings"] == {"groups": 4, "tau": 1.0}
+    assert "candidates" not in entry
