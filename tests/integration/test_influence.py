@@ -261,6 +261,7 @@ def _conjugate_gradient(apply, rhs: torch.Tensor, iterations: int = 300) -> torc
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 def test_preconditioning_against_conjugate_gradient(
     tiny_model: Path, tiny_bundle: Path, tiny_adapter, kind: str

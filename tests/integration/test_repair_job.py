@@ -122,6 +122,7 @@ def test_the_temperature_calibrated_in_bf16_matches_fp32(
     assert max(at["fp32"].values()) - min(at["fp32"].values()) > 0.05  # the grid matters
 
 
+@pytest.mark.slow
 def test_predicted_changes_track_retraining_without_the_removed_samples(
     tmp_path: Path, tiny_model: Path, tiny_bundle: Path
 ) -> None:
