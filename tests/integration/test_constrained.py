@@ -155,5 +155,5 @@ def test_recommend_and_metrics_take_the_same_subset_of_users(
     assert code == 0, err
     assert json.loads(report.read_text())["users"] == 4
     code, _, err = run_cli([*metrics, "--users", "4", "--seed", "6"], capsys)  # other users
-    assert code == 1 and "no recommendations for user" in err
+    assert code == 2 and "no recommendations for user" in err
     assert len(err.strip().splitlines()) == 1
