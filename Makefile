@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fudlr-installed
 
-.PHONY: install demo test lint bench bench-quick bench-engine bench-lds reference reference-metrics clean
+.PHONY: install demo test test-fast lint bench bench-quick bench-engine bench-lds reference reference-metrics clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# the same without the tests marked slow (tests/README.md)
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow"
 
 # FUDLR against the baselines on SmolLM2 + MovieLens-100K (bench/README.md); full: hours on 2 CPU cores;
 # in two sittings: BENCH_ARGS="--no-scaling --no-service", then BENCH_ARGS="--systems-from FILE"

@@ -1,7 +1,7 @@
 """`make bench`: FUDLR against the retraining and reranking baselines, in one run.
 
 Systems (all SmolLM2-135M-Instruct + LoRA on the same MovieLens-100K bundle and recipe):
-original, IFairLRS reweighting (RW) and reranking (RR), retraining without FUDLR's
+original, IFairLRS reweighting (RW) and reranking (RR), GDRT, retraining without FUDLR's
 selection, random removal with FUDLR's Newton step, FUDLR, FUDLR on two biases. Writes
 bench/results/<date>-<profile>-<commit>.json, latest.json, latest.md and PNG plots in
 bench/results/plots/.
@@ -33,6 +33,7 @@ from bench.common import (
 )
 from bench.report import fidelity, markdown, plot_all, targets
 from bench.systems import PROFILES, RERUNNABLE, BenchProfile, SystemsBench, item_bias_label
+from fudlr.baselines.gdrt import GRID, GdrtSettings
 from fudlr.models.device import PRECISIONS, fast_precision
 
 console = Console()
@@ -171,6 +172,12 @@ def main() -> None:
         choices=RERUNNABLE,
         help="with --systems-from: run this system again (the file may lack it); repeatable",
     )
+    parser.add_argument(
+        "--tune-gdrt",
+        action="store_true",
+        help=f"choose GDRT's groups and tau on the validation users from a grid of {len(GRID)} "
+        f"(a fine-tuning run each); default: {GdrtSettings()}, not tuned",
+    )
     parser.add_argument("--port", type=int, default=8799, help="port of the service run")
     args = parser.parse_args()
     if args.rerun and not args.systems_from:
@@ -182,6 +189,7 @@ def main() -> None:
         num_beams=args.num_beams,
         service=not args.no_service,
         scaling_sizes=() if args.no_scaling else PROFILES[name].scaling_sizes,
+        gdrt_grid=GRID if args.tune_gdrt else (),
     )
     console.rule(f"systems benchmark, {profile.name} profile: {profile.estimate}")
     work: Path = args.work / profile.name

@@ -203,6 +203,7 @@ def seed_job(database_url: str, tenant_name: str) -> str:
     """A queued job of `tenant_name` on a seeded recommender (rows only: nothing runs it)."""
     from sqlalchemy import select
 
+    from fudlr.states import JobState, VersionState
     from service.auth.models import Tenant
     from service.db import make_engine, new_id, session_factory, transaction
     from service.jobs.schemas import JobSpec
@@ -241,7 +242,7 @@ def seed_job(database_url: str, tenant_name: str) -> str:
             number=1,
             digest=digest,
             bytes=1,
-            state="ready",
+            state=VersionState.READY,
         )
         spec = JobSpec.model_validate(
             {"biases": [{"side": "item", "attribute": "popularity_group", "metric": "MGU", "k": 5}]}
@@ -251,7 +252,7 @@ def seed_job(database_url: str, tenant_name: str) -> str:
             tenant_id=tenant,
             recommender_id=rec.id,
             version=1,
-            state="queued",
+            state=JobState.QUEUED,
             spec=spec.model_dump(mode="json"),
         )
         session.add_all([base, adapter])

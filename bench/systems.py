@@ -1,7 +1,8 @@
 """Issue 5's systems, all from one base model, bundle and recipe, measured on one test subset.
 
 `SystemsBench.run()` trains the original recommender and then each competitor in turn —
-IFairLRS reweighting (retrain), IFairLRS reranking (no training), FUDLR (index + job),
+IFairLRS reweighting (retrain), IFairLRS reranking (no training), GDRT (retrain with a
+token-level group-DRO loss), FUDLR (index + job),
 retraining without FUDLR's selection, the same Newton step on random samples, FUDLR on
 two biases — measuring every one on the same test users with the same decoding, and
 timing each system's own work. Then the scaling sweep (index and job time against n)
@@ -19,9 +20,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.common import commit, machine, run_of
+from fudlr.baselines.gdrt import (
+    GROUPING,
+    GdrtSettings,
+    Trial,
+    choose_settings,
+    history_gains,
+    train_gdrt,
+)
 from fudlr.baselines.popularity import interaction_counts, most_popular
 from fudlr.baselines.rerank import ALPHAS, Candidate, choose_alpha, distance_scale, group_bias
 from fudlr.baselines.reweight import ifairlrs_weights
@@ -36,17 +45,21 @@ from fudlr.repair.config import DebiasConfig
 from fudlr.repair.pipeline import DebiasJob, RepairRejected
 from fudlr.repair.spec import BiasSpec
 
+if TYPE_CHECKING:
+    import torch
+
 SYSTEMS = (
     "original",
     "ifairlrs_rw",
     "ifairlrs_rr",
+    "gdrt",
     "retrain_without_s",
     "random_removal",
     "fudlr",
     "fudlr_multi",
 )
-# run again alone from recorded systems: they need only the original adapter and the index
-RERUNNABLE = ("fudlr_multi",)
+# run again alone from recorded systems: they need only the original adapter (and the index)
+RERUNNABLE = ("fudlr_multi", "gdrt")
 ITEM_ATTRIBUTE, GENRES, USER_ATTRIBUTE = "popularity_group", "genres", "gender"
 
 
@@ -64,7 +77,11 @@ class BenchProfile:
     k: the K of the targets (MGU@K, NDCG@K); ks: every K reported.
     num_beams, precision: decoding and arithmetic, the same for every system.
     epochs, learning_rate, history_len: the training recipe and prompt length.
-    max_ndcg_drop: the accuracy budget of FUDLR's guard and of the reranking's α.
+    max_ndcg_drop: the accuracy budget of FUDLR's guard and of the reranking's α and GDRT's
+    settings.
+    gdrt_grid: GDRT's (G, τ) candidates, each trained and measured on the guard's users,
+    the choice recorded; empty: GdrtSettings' defaults, not tuned (a grid costs a
+    fine-tuning run per candidate).
     service: also run FUDLR's job through the HTTP service (register, index, submit).
     estimate: how long the profile takes on the 2-core reference machine (said up front).
     """
@@ -85,6 +102,7 @@ class BenchProfile:
     learning_rate: float = 3e-3
     history_len: int = 5
     max_ndcg_drop: float = 0.05
+    gdrt_grid: tuple[GdrtSettings, ...] = ()
     service: bool = True
     seed: int = 0
 
@@ -180,7 +198,10 @@ class SystemsBench:
         self.systems = recorded.get("systems", recorded)
         missing = [name for name in SYSTEMS if name not in self.systems and name not in rerun]
         if missing:
-            raise ValueError(f"{source} lacks {', '.join(missing)}: rerun the benchmark")
+            raise ValueError(
+                f"{source} lacks {', '.join(missing)}: rerun the benchmark "
+                f"(or --rerun those of {', '.join(RERUNNABLE)})"
+            )
         # a file itself written from recorded systems names the run that measured them
         origin = recorded.get("systems_from", recorded)
         provenance: dict[str, Any] = {
@@ -199,8 +220,10 @@ class SystemsBench:
         reruns.update({name: this_run for name in rerun})
         if reruns:
             provenance["systems_from"]["rerun"] = reruns
-        if rerun:
+        if "fudlr_multi" in rerun:
             self.fudlr_multi(self.work / "original", *self.built_index())
+        if "gdrt" in rerun:
+            self.gdrt(self.work / "original")
         return {**self.summary(self.scaling(self.systems["fudlr"]["index_seconds"])), **provenance}
 
     def built_index(self) -> tuple[Path, float]:
@@ -251,6 +274,26 @@ class SystemsBench:
         recommender = Recommender.load(self.model_dir, adapter, self.bundle)
         return self.measure(recommender, label)
 
+    def valid_report(self, ranked: Ranked) -> dict[str, Any]:
+        """Metrics at the profile's K on the guard's validation users: what the baselines'
+        settings (the reranking's α, GDRT's G and τ) are chosen by."""
+        k = self.profile.k
+        return evaluate(
+            self.bundle,
+            "valid",
+            ranked.by_user(self.valid_rows),
+            [k],
+            ITEM_ATTRIBUTE,
+            USER_ATTRIBUTE,
+            rows=self.valid_rows,
+        )["k"][str(k)]
+
+    def valid_point(self, adapter: Path) -> tuple[float, float]:
+        """An adapter's validation (MGU, NDCG) at the profile's K."""
+        recommender = Recommender.load(self.model_dir, adapter, self.bundle)
+        report = self.valid_report(recommender.rank(self.valid_rows, self.decoding))
+        return report["MGU"], report["NDCG"]
+
     def train(self, name: str, **changes: Any) -> tuple[Path, float]:
         out = self.work / name
         self.log(f"{name}: training")
@@ -299,7 +342,7 @@ class SystemsBench:
     def ifairlrs_rr(self) -> None:
         """α tuned on the validation users from the original's generations; applied to the
         test generations the original already made (reranking needs no new generation)."""
-        k, started = self.profile.k, _clock()
+        started = _clock()
         self.log(f"ifairlrs_rr: tuning alpha on {len(self.valid_rows)} validation users")
         generations = self.recommender.generate(self.valid_rows, self.decoding)
         queries = self.recommender.embed(generations)
@@ -310,15 +353,7 @@ class SystemsBench:
             ranked = self.recommender.rank_generations(
                 self.valid_rows, generations, self.decoding, scale, queries
             )
-            report = evaluate(
-                self.bundle,
-                "valid",
-                ranked.by_user(self.valid_rows),
-                [k],
-                ITEM_ATTRIBUTE,
-                USER_ATTRIBUTE,
-                rows=self.valid_rows,
-            )["k"][str(k)]
+            report = self.valid_report(ranked)
             return Candidate(alpha, report["MGU"], report["NDCG"]), report
 
         # α = 0 is the original ranking whatever the bias: it measures the bias, then joins
@@ -341,6 +376,66 @@ class SystemsBench:
                 "candidates": [asdict(c) for c in candidates],
             },
         )
+
+    def train_gdrt(
+        self, name: str, gains: dict[str, torch.Tensor], settings: GdrtSettings
+    ) -> tuple[Path, float]:
+        out = self.work / name
+        self.log(f"{name}: training with the group-DRO loss, G={settings.groups} τ={settings.tau}")
+        report = train_gdrt(self.model_dir, self.bundle, out, gains, settings, self.recipe)
+        return out, report.seconds
+
+    def gdrt(self, original: Path) -> None:
+        """GDRT by the recipe, its tokens grouped by their history gain under the original
+        adapter; (G, τ) chosen on the validation users from the profile's grid, else the
+        defaults. Its time is the gains and the chosen run's training (the grid's other runs
+        are `tuning_seconds`)."""
+        started = _clock()
+        self.log("gdrt: the training tokens' history gains under the original adapter")
+        gains = history_gains(self.model_dir, original, self.bundle, self.recipe)
+        gains_seconds = _clock() - started
+        if self.profile.gdrt_grid:
+            chosen, adapter, seconds, tuning = self.tune_gdrt(original, gains)
+            how = "chosen on validation"
+        else:
+            chosen, tuning, how = GdrtSettings(), {}, "defaults, not tuned"
+            adapter, seconds = self.train_gdrt("gdrt", gains, chosen)
+        self.record(
+            "gdrt",
+            {
+                **self.measure_adapter(adapter, "gdrt"),
+                "seconds": gains_seconds + seconds,
+                "work": "history gains (two scoring passes), one fine-tuning run with the "
+                f"group-DRO loss (G={chosen.groups}, τ={chosen.tau}, {how})",
+                "settings": asdict(chosen),
+                "chosen_by": "validation" if tuning else "defaults",
+                "grouping": GROUPING,
+                "gains_seconds": gains_seconds,
+                **tuning,
+            },
+        )
+
+    def tune_gdrt(
+        self, original: Path, gains: dict[str, torch.Tensor]
+    ) -> tuple[GdrtSettings, Path, float, dict[str, Any]]:
+        """Every setting of the grid trained and measured on the validation users; the
+        fairest within the accuracy budget of the original's validation NDCG is chosen.
+        Returns it, its adapter, its training time and what the results record."""
+        started = _clock()
+        unfairness, ndcg = self.valid_point(original)
+        trained: dict[GdrtSettings, tuple[Path, float]] = {}
+        trials = []
+        for settings in self.profile.gdrt_grid:
+            name = f"gdrt-g{settings.groups}-tau{settings.tau}"
+            trained[settings] = self.train_gdrt(name, gains, settings)
+            trials.append(Trial(settings, *self.valid_point(trained[settings][0])))
+        chosen = choose_settings(trials, ndcg, self.profile.max_ndcg_drop).settings
+        record = {
+            "original_valid": {"unfairness": unfairness, "ndcg": ndcg},
+            "candidates": [asdict(trial) for trial in trials],
+            "tuning_seconds": _clock() - started,
+        }
+        return chosen, *trained[chosen], record
 
     def index(self, adapter: Path, out: Path) -> float:
         started = _clock()
@@ -470,6 +565,7 @@ class SystemsBench:
         original = self.original()
         self.ifairlrs_rr()
         self.ifairlrs_rw(original)
+        self.gdrt(original)
         index_dir = self.work / "index"
         index_seconds = self.index(original, index_dir)
         job, report = self.debias(

@@ -22,7 +22,8 @@ from rich.table import Table
 
 from fudlr.console import console
 from fudlr.errors import FudlrError
-from fudlr.repair.config import default
+from fudlr.repair.config import SETTINGS
+from fudlr.setting import option as setting_option
 
 if TYPE_CHECKING:
     from clients.models import JobOut
@@ -189,59 +190,40 @@ def register(
     typer.echo(recommender.id)
 
 
+def _budget(name: str) -> Any:
+    """A budget flag: unset unless given, so that the server's default applies."""
+    return setting_option(SETTINGS[name], server_default=True)
+
+
 def submit(
+    ctx: typer.Context,
     recommender: str = typer.Argument(..., help="Recommender id (rec_…)."),
     bias: list[str] = typer.Option(
         ..., help="SIDE:ATTRIBUTE:METRIC@K[*WEIGHT], e.g. item:popularity_group:MGU@5; repeatable."
     ),
     version: int = typer.Option(None, help="Version to repair (default: the latest)."),
-    max_fraction: float = typer.Option(None, help="Most training samples unlearned (fraction)."),
-    max_loss_increase: float = typer.Option(None, help="Largest predicted valid-loss increase."),
-    max_ndcg_drop: float = typer.Option(
-        None, help="Accuracy budget: largest relative drop of NDCG@accuracy-k accepted."
-    ),
-    accuracy_k: int = typer.Option(
-        None, min=1, help=f"K of the NDCG the guard checks (default: {default('accuracy_k')})."
-    ),
-    eligibility: str = typer.Option(
-        None, help="selection (beat random samples on held-out users) or samples (each alone)."
-    ),
-    fdr: float = typer.Option(None, help="Level of the eligibility test."),
-    guard_confidence: float = typer.Option(
-        None, help="Bootstrap probability over guard users that the bias went down."
-    ),
-    max_upweight: float = typer.Option(
-        None, help="Also reinforce samples, counted up to this many more times (0: off)."
-    ),
-    max_other_k_increase: float = typer.Option(
-        None, help="Largest relative increase of the bias at the other K (1, 5, 10) accepted."
-    ),
+    max_fraction: float = _budget("max_fraction"),
+    max_loss_increase: float = _budget("max_loss_increase"),
+    max_ndcg_drop: float = _budget("max_ndcg_drop"),
+    accuracy_k: int = _budget("accuracy_k"),
+    eligibility: str = _budget("eligibility"),
+    fdr: float = _budget("fdr"),
+    guard_confidence: float = _budget("guard_confidence"),
+    max_upweight: float = _budget("max_upweight"),
+    max_other_k_increase: float = _budget("max_other_k_increase"),
     option: list[str] = typer.Option(
         [], help="Job option KEY=VALUE (query_users, guard_users, num_beams, ...); repeatable."
     ),
-    drop_unmeasurable: bool = typer.Option(
-        False,
-        "--drop-unmeasurable",
-        help="Run on the biases the guard users can measure and report the others.",
-    ),
+    drop_unmeasurable: bool = setting_option(SETTINGS["drop_unmeasurable"], "--drop-unmeasurable"),
     idempotency_key: str = typer.Option(None, help="Resubmitting with it returns the same job."),
     wait: bool = typer.Option(False, help="Wait for the job, with a progress bar."),
 ) -> None:
     """Submit a debias job; prints its id."""
+    # the setting flags given are the job's budget, but drop_unmeasurable: an option
     budget = {
-        key: value
-        for key, value in (
-            ("max_fraction", max_fraction),
-            ("max_loss_increase", max_loss_increase),
-            ("max_ndcg_drop", max_ndcg_drop),
-            ("accuracy_k", accuracy_k),
-            ("eligibility", eligibility),
-            ("fdr", fdr),
-            ("guard_confidence", guard_confidence),
-            ("max_upweight", max_upweight),
-            ("max_other_k_increase", max_other_k_increase),
-        )
-        if value is not None
+        name: value
+        for name, value in ctx.params.items()
+        if name in SETTINGS and value is not None and name != "drop_unmeasurable"
     }
     options = _options(option)
     if drop_unmeasurable:

@@ -40,13 +40,13 @@ from clients.models import (
 )
 from fudlr.errors import FudlrError
 from fudlr.repair.spec import BiasSpec
+from fudlr.states import TERMINAL, JobState, VersionState
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DATA_PURPOSES = ("items", "users", "train", "valid", "test")
-TERMINAL = ("succeeded", "failed", "cancelled")
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
@@ -234,9 +234,9 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             current = self.version(recommender_id, version)
-            if current.state == "ready":
+            if current.state == VersionState.READY:
                 return current
-            if current.state == "failed":
+            if current.state == VersionState.FAILED:
                 reason = current.error.detail if current.error else "no reason recorded"
                 raise FudlrError(f"indexing {recommender_id} v{version} failed: {reason}")
             if deadline is not None and time.monotonic() > deadline:
@@ -363,7 +363,7 @@ class Client:
                                 f"[dim]{event.created_at:%H:%M:%S}[/] {event.message}"
                             )
                     description = f"{job.id} {job.stage or ''}".strip()
-                    done = 1.0 if job.state == "succeeded" else job.progress or 0.0
+                    done = 1.0 if job.state == JobState.SUCCEEDED else job.progress or 0.0
                     bar.update(
                         task,
                         description=description,
@@ -372,7 +372,7 @@ class Client:
                     )
 
                 job = self.watch(job_id, show, poll, timeout)
-        if job.state != "succeeded":
+        if job.state != JobState.SUCCEEDED:
             raise JobFailed(job)
         return job
 

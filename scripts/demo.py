@@ -1,14 +1,16 @@
-"""`make demo`: an LLM recommender on MovieLens-100K, its popularity bias, and its repair.
+"""`make demo`: the reference recommender's popularity bias, and its repair through the service.
 
-Part 1, the recommender (the `fudlr` CLI): build the bundle, convert SmolLM2-135M-Instruct,
-fine-tune a LoRA recommender on a training subset, recommend for every test user, print
-the accuracy/fairness table, plot the group shares, say whether it is popularity-biased.
+Part 1, the recommender (the `fudlr` CLI): build the reference recipe's MovieLens-100K
+bundle, convert SmolLM2-135M-Instruct, take the committed reference adapter (`--train`
+retrains it by its recipe), recommend for a fixed subset of test users with the recipe's
+constrained decoding, print the accuracy/fairness table, plot the group shares, say where
+the recommender over-serves popular items.
 
 Part 2, the repair through the service: start `fudlr serve` (embedded: SQLite, a local
 artifact folder, a filesystem broker, one worker), create an API key, register the
-recommender (the worker builds its training-set index), submit a debias job, follow its
-progress, download the repaired adapter, and measure it on the test split exactly like
-the original.
+recommender (the worker indexes a fixed subset of its training windows), submit a debias
+job, follow its progress, download version 2, and measure it on the same test users with
+the same decoding; the change of each metric comes with its paired bootstrap interval.
 
 Each step records its arguments and the digests of its inputs; a second run reuses
 every step that is still current (`make clean` starts over).
@@ -29,6 +31,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bench.reference import ADAPTER, Recipe
 from fudlr.fairness.plot import plot_group_shares
 from fudlr.hashing import file_sha256
 from fudlr.models.device import PRECISIONS, fast_precision
@@ -36,6 +39,7 @@ from fudlr.models.device import PRECISIONS, fast_precision
 console = Console()
 ROOT = Path(__file__).resolve().parent.parent
 FUDLR = [sys.executable, "-m", "clients.cli"]
+KS = (1, 5, 10)
 
 
 def fudlr(args: list[str], env: dict[str, str] | None = None, capture: bool = False) -> str:
@@ -82,11 +86,7 @@ def cli_step(name: str, args: list[str], output: Path, work: Path, inputs: tuple
 
 
 def bias_verdict(metrics: dict) -> str:
-    """Whether the recommender over-serves popular items, K by K, in the metrics' own numbers.
-
-    At K=1 the list is the grounded generation itself; deeper ranks are its nearest
-    titles in the base model's embedding space, so the bias is sharpest at K=1.
-    """
+    """Whether the recommender over-serves popular items, K by K, in the metrics' own numbers."""
     lines, biased_at = [], []
     for k, at_k in metrics["k"].items():
         top = sorted(at_k["GU"], key=int)[-1]
@@ -100,7 +100,7 @@ def bias_verdict(metrics: dict) -> str:
             biased_at.append(k)
     if biased_at:
         lines.append(
-            "[bold red]The fine-tuned recommender is popularity-biased[/] at "
+            "[bold red]The recommender is popularity-biased[/] at "
             f"K={', '.join(biased_at)}: it recommends the most popular items more often "
             "than its users watched them."
         )
@@ -111,22 +111,24 @@ def bias_verdict(metrics: dict) -> str:
 
 def recommend_and_measure(
     args: argparse.Namespace, name: str, model: Path, adapter: Path, bundle: Path, work: Path
-) -> Path:
-    """Recommendations for every test user and their metrics JSON; returns its path."""
+) -> tuple[Path, Path]:
+    """Recommendations for the demo's test users and their metrics JSON (paths)."""
     recommendations, metrics = work / f"{name}-recommendations.jsonl", work / f"{name}-metrics.json"
+    decoding = Recipe.load().recommend
+    users = ["--users", str(args.test_users), "--seed", "0"]
     recommend_args = ["recommend", "--base-model", str(model), "--adapter", str(adapter)]
     recommend_args += ["--bundle", str(bundle), "--split", "test", "--out", str(recommendations)]
-    recommend_args += ["--num-beams", str(args.num_beams), "--precision", args.precision]
-    # the demo's own small recommender keeps the grounded protocol it was written for
-    recommend_args += ["--decoding", "grounded", "--no-exclude-history"]
+    recommend_args += ["--decoding", str(decoding.decoding), "--num-beams", str(args.num_beams)]
+    recommend_args += ["--top", str(max(KS)), "--precision", args.precision, *users]
     weights = adapter / "adapter_model.safetensors"
     cli_step(f"recommend ({name})", recommend_args, recommendations, work, inputs=(weights,))
-    metrics_args = ["metrics", "--bundle", str(bundle), "--split", "test", "--k", "1,5,10"]
-    metrics_args += ["--recommendations", str(recommendations), "--out", str(metrics)]
+    metrics_args = ["metrics", "--bundle", str(bundle), "--split", "test"]
+    metrics_args += ["--k", ",".join(map(str, KS)), "--recommendations", str(recommendations)]
+    metrics_args += ["--out", str(metrics), *users]
     if name == "original":
         metrics_args += ["--plot", str(work / "popularity_shares.png")]
     fudlr(metrics_args)
-    return metrics
+    return recommendations, metrics
 
 
 def repair_through_the_service(
@@ -143,14 +145,20 @@ def repair_through_the_service(
         env["FUDLR_API_KEY"] = fudlr(["keys", "create", "--tenant", "demo"], env, capture=True)
         register = ["register", "--name", "movielens-smollm2", "--base-model", str(model)]
         register += ["--adapter", str(adapter), "--bundle", str(bundle), "--wait"]
-        register += ["--decoding", "grounded"]
-        register += ["--index-option", "curvature_samples=256"]
-        register += ["--index-option", f"precision={args.precision}"]
+        register += ["--decoding", str(Recipe.load().recommend.decoding)]
+        for option in (
+            f"candidates={args.candidates}",
+            f"curvature_samples={args.curvature_samples}",
+            f"batch_size={Recipe.load().train.batch_size}",
+            f"precision={args.precision}",
+        ):
+            register += ["--index-option", option]
         recommender = fudlr(register, env, capture=True)
         submit = ["submit", recommender, "--bias", args.bias, "--wait"]
         for option in (
             f"query_users={args.query_users}",
-            "test_users=0",  # the test split is measured below, like the original
+            f"guard_users={args.guard_users}",
+            "test_users=0",  # the test users are measured below, like the original
             f"num_beams={args.num_beams}",
             f"precision={args.precision}",
         ):
@@ -159,8 +167,9 @@ def repair_through_the_service(
             job = fudlr(submit, env, capture=True)
         except subprocess.CalledProcessError:
             console.print(
-                "[bold yellow]The job did not publish a repaired adapter (its reason is above):"
-                " the guard found no step that lowers the bias within the accuracy budget."
+                "[bold yellow]The job published no repaired adapter; its reason is above. "
+                "A selection test or a guard needs users to resolve an effect: more "
+                "--query-users, --guard-users or --candidates give it more."
             )
             return None
         fudlr(["download", recommender, "--out", str(out / "adapter")], env)
@@ -169,82 +178,140 @@ def repair_through_the_service(
     return out / "adapter"
 
 
-def comparison_table(before: dict, after: dict, report: dict) -> Table:
-    """Per K: accuracy and popularity unfairness before and after, and what was predicted."""
+def changes(bundle_dir: Path, before: Path, after: Path, users: int, k: int) -> dict[str, dict]:
+    """Paired bootstrap intervals (95%) of the test users' change in NDCG@10 and in MGU@k."""
+    from fudlr.data.bundle import Bundle, subset
+    from fudlr.fairness.bootstrap import paired_change, paired_difference
+    from fudlr.fairness.metrics import evaluate, load_recommendations, ndcg_at_k
+
+    bundle = Bundle.load(bundle_dir)
+    rows = subset(bundle.split("test"), users, 0)
+    lists = [load_recommendations(path, bundle) for path in (before, after)]
+    accuracy = [
+        [ndcg_at_k(ranked[row.user_id], row.target, max(KS)) for row in rows] for ranked in lists
+    ]
+
+    def mgu(ranked: dict[str, list[str]]) -> Callable[[list], float]:
+        return lambda sample: evaluate(bundle, "test", ranked, [k], rows=sample)["k"][str(k)]["MGU"]
+
+    return {
+        f"NDCG@{max(KS)}": paired_difference(*accuracy).describe(),
+        f"MGU@{k}": paired_change(rows, mgu(lists[0]), mgu(lists[1]), resamples=500).describe(),
+    }
+
+
+def comparison_table(before: dict, after: dict, report: dict, intervals: dict) -> Table:
+    """Per K: accuracy (with hit counts) and popularity unfairness before and after."""
     label = report["biases"][0]
+    users = before["users"]
     table = Table(
-        title=f"{label}: {len(report['selected'])} of {report['training_samples']} training "
-        f"samples unlearned, eta {report['eta']} (test split)"
+        title=f"{label}: {len(report['selected'])} of {report['candidates']} candidate "
+        f"training windows unlearned, eta {report['eta']} ({users} test users)"
     )
-    for column in ("K", "NDCG", "HR", "MGU", "DGU", "GU most popular"):
+    for column in ("K", "NDCG", "hits", "MGU", "DGU", "GU most popular"):
         table.add_column(column, justify="right")
     for k in before["k"]:
         b, a = before["k"][k], after["k"][k]
         top = sorted(b["GU"], key=int)[-1]
-        cells = [f"{b[name]:.4f} → {a[name]:.4f}" for name in ("NDCG", "HR", "MGU", "DGU")]
-        table.add_row(k, *cells, f"{b['GU'][top]:+.4f} → {a['GU'][top]:+.4f}")
-    predicted, valid = report["predicted"], report["metrics"]["valid"]
-    table.caption = (
-        f"predicted by the influence model (surrogate): {predicted[label + ':before']:.4f} → "
-        f"{predicted[label + ':after']:.4f}; validation guard: "
+        hits = f"{round(b['HR'] * users)} → {round(a['HR'] * users)}"
+        cells = [f"{b[name]:.4f} → {a[name]:.4f}" for name in ("MGU", "DGU")]
+        ndcg = f"{b['NDCG']:.4f} → {a['NDCG']:.4f}"
+        table.add_row(k, ndcg, hits, *cells, f"{b['GU'][top]:+.4f} → {a['GU'][top]:+.4f}")
+    valid = report["metrics"]["valid"]
+    lines = [
+        f"change {name}: {c['mean']:+.4f}, 95% paired interval [{c['low']:+.4f}, {c['high']:+.4f}]"
+        for name, c in intervals.items()
+    ]
+    lines.append(
+        f"the job's guard ({valid['before']['users']} validation users): "
         f"{valid['before']['biases'][label]:.4f} → {valid['after']['biases'][label]:.4f}"
     )
+    table.caption = "\n".join(lines)
     return table
 
 
 def main() -> None:
+    recipe = Recipe.load()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / ".fudlr-demo", help="output folder")
-    parser.add_argument("--train-size", type=int, default=1500, help="training windows")
     parser.add_argument(
-        "--history-len", type=int, default=5, help="history items per prompt (10 = 2x slower)"
+        "--train", action="store_true", help="retrain the reference adapter by its recipe"
     )
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--learning-rate", default="3e-3")
-    precision = fast_precision()  # reads the CPU's flags (and imports torch): once
     parser.add_argument(
-        "--num-beams",
-        type=int,
-        default=5 if precision == "bf16" else 1,
-        help="beam width of generation (default: 5 where bf16 is native, else greedy: 5x "
-        "cheaper on a small CPU, and only the top generation is grounded)",
+        "--test-users", type=int, default=200, help="test users measured before and after"
+    )
+    parser.add_argument(
+        "--num-beams", type=int, default=recipe.recommend.num_beams, help="constrained beams"
     )
     parser.add_argument(
         "--precision",
-        default=precision,
+        default=fast_precision(),
         choices=PRECISIONS,
         help="default: bf16 where the hardware has native bf16 matmuls, else fp32",
     )
-    parser.add_argument("--bias", default="item:popularity_group:MGU@1", help="the repair's target")
-    parser.add_argument("--query-users", type=int, default=64, help="users behind the queries")
+    parser.add_argument("--bias", default="item:popularity_group:MGU@5", help="the repair's target")
+    parser.add_argument(
+        "--candidates", type=int, default=1000, help="training windows the index holds"
+    )
+    parser.add_argument(
+        "--curvature-samples", type=int, default=256, help="windows the curvature is fitted on"
+    )
+    parser.add_argument("--query-users", type=int, default=128, help="users behind the queries")
+    parser.add_argument("--guard-users", type=int, default=256, help="users the guard measures")
     parser.add_argument("--port", type=int, default=8765, help="port of the demo's service")
     parser.add_argument("--no-repair", action="store_true", help="stop after the recommender")
     args = parser.parse_args()
 
     work: Path = args.work
+    console.print(
+        f"plan: the reference adapter's popularity bias on {args.test_users} test users, then "
+        f"a job for {args.bias}: {args.candidates} training windows indexed (curvature on "
+        f"{args.curvature_samples}), {args.query_users} query and {args.guard_users} guard "
+        f"users, {args.num_beams} beams, {args.precision}; then the same test users again"
+    )
     bundle, store = work / "bundle", work / "models"
     model = store / "smollm2-135m-instruct"
-    adapter = work / "adapter"
     started = time.perf_counter()
 
-    data_args = ["data", "movielens-100k", "--out", str(bundle)]
-    data_args += ["--train-size", str(args.train_size), "--history-len", str(args.history_len)]
+    cut = recipe.bundle
+    data_args = ["data", "movielens-100k", "--out", str(bundle), "--seed", str(cut.seed)]
+    data_args += ["--history-len", str(cut.history_len)]
+    data_args += ["--latest-per-user", str(cut.latest_per_user)]
+    if cut.train_size is not None:
+        data_args += ["--train-size", str(cut.train_size)]
     cli_step("bundle", data_args, bundle / "meta.json", work)
     cli_step("model", ["models", "smollm2-135m", "--store", str(store)], model, work)
-    train_args = ["train", "--base-model", str(model), "--bundle", str(bundle)]
-    train_args += ["--out", str(adapter), "--epochs", str(args.epochs)]
-    train_args += ["--learning-rate", args.learning_rate, "--precision", args.precision]
-    weights = adapter / "adapter_model.safetensors"
-    cli_step("train", train_args, weights, work, inputs=(bundle / "train.jsonl",))
-    console.rule("[bold]metrics (test split, popularity groups 0 = least popular, gender gap)")
-    before = recommend_and_measure(args, "original", model, adapter, bundle, work)
+    adapter = ADAPTER
+    if args.train:
+        from bench.reference import train
+
+        adapter = work / "adapter"
+        key = [recipe.describe(), file_sha256(bundle / "train.jsonl")]
+        step(
+            "train (the reference recipe)",
+            key,
+            adapter / "adapter_model.safetensors",
+            work,
+            lambda: train(recipe, adapter, bundle, model),
+        )
+    console.rule("[bold]metrics (test users, popularity groups 0 = least popular, gender gap)")
+    before_lists, before = recommend_and_measure(args, "original", model, adapter, bundle, work)
     console.rule("[bold]verdict")
     console.print(bias_verdict(json.loads(before.read_text())))
     console.print(f"plot: {work / 'popularity_shares.png'}")
 
     if not args.no_repair:
         repaired = work / "repair" / "adapter"
-        key = [args.bias, args.query_users, args.num_beams, args.precision, file_sha256(weights)]
+        key = [
+            args.bias,
+            args.candidates,
+            args.curvature_samples,
+            args.query_users,
+            args.guard_users,
+            args.num_beams,
+            args.precision,
+            file_sha256(adapter / "adapter_model.safetensors"),
+        ]
 
         def repair() -> None:
             if repair_through_the_service(args, work, model, bundle, adapter) is None:
@@ -253,20 +320,21 @@ def main() -> None:
         step(
             "repair through the service", key, repaired / "adapter_model.safetensors", work, repair
         )
-        after = recommend_and_measure(args, "repaired", model, repaired, bundle, work)
+        after_lists, after = recommend_and_measure(args, "repaired", model, repaired, bundle, work)
         report = json.loads((work / "repair" / "report.json").read_text())
         before_metrics, after_metrics = (
             json.loads(before.read_text()),
             json.loads(after.read_text()),
         )
-        console.rule("[bold]repair: the original against the repaired adapter")
-        console.print(comparison_table(before_metrics, after_metrics, report))
         k = args.bias.rsplit("@", 1)[1].split("*")[0]
+        intervals = changes(bundle, before_lists, after_lists, args.test_users, int(k))
+        console.rule("[bold]repair: the original against the repaired adapter")
+        console.print(comparison_table(before_metrics, after_metrics, report, intervals))
         plot = work / "repair_shares.png"
         plot_group_shares(
             before_metrics["k"][k]["GH"],
             {"original": before_metrics["k"][k]["GP"], "repaired": after_metrics["k"][k]["GP"]},
-            title=f"popularity groups at K={k}: history vs recommendations (test split)",
+            title=f"popularity groups at K={k}: history vs recommendations (test users)",
             path=plot,
             xlabel="popularity group (0 = least popular)",
         )

@@ -127,11 +127,13 @@ class Leased:
     A claim is a compare-and-set from PENDING with no owner; the owner renews
     `lease_expires_at` while it works; the reaper takes back rows whose lease expired.
     `enqueued_at` is set once the task message was sent, so a lost send is retried.
+    PENDING, RUNNING and FAILED: the model's own states (fudlr/states.py) for those.
     """
 
     __tablename__: ClassVar[str]
     PENDING: ClassVar[str]
     RUNNING: ClassVar[str]
+    FAILED: ClassVar[str]
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), index=True)

@@ -16,6 +16,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from fudlr.states import JobState
 from service.auth.models import Tenant
 from service.db import Leased, transaction, utcnow
 from service.files.models import File
@@ -71,13 +72,13 @@ def _expire(sessions: sessionmaker[Session], model: type[Leased], settings: Sett
         ).all()
     requeued = []
     for row in expired:
-        if row.state == "cancelling":
-            values = {"state": "cancelled", "finished_at": now}
+        if row.state == JobState.CANCELLING:
+            values = {"state": JobState.CANCELLED, "finished_at": now}
             message = "cancelled (the worker stopped before it could acknowledge)"
         elif row.attempts >= max_attempts:
             reason = f"the worker was lost {row.attempts} times (lease expired); giving up"
             values = {
-                "state": "failed",
+                "state": model.FAILED,
                 "finished_at": now,
                 "error": {"code": "worker_lost", "detail": reason},
             }

@@ -2,7 +2,9 @@
 
 `tiny_bundle` (a Path to a bundle directory, history length 5) is what most tests need;
 the same data written as GroupLens ml-100k, GroupLens ml-1m or RecBole atomic files must
-give the same bundle, which is how the readers are tested.
+give the same bundle, which is how the readers are tested. `tiny_model` is a random tiny
+Llama; the adapter trained on it (`tiny_adapter`) is in tests/integration/conftest.py, since
+unit tests train nothing.
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from fudlr.data.builder import build_movielens_bundle
 from fudlr.data.bundle import Bundle
 from fudlr.data.jsonl import write_rows
 from fudlr.data.tiny import TinyMovieLens, make_tiny_movielens
-from fudlr.recommender.train import TrainConfig, train_adapter
+from fudlr.recommender.encoding import collate, encode_sample, per_sample_loss
+from fudlr.recommender.train import TrainConfig
+from fudlr.setting import Setting
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -97,12 +103,11 @@ def twin_titles_bundle(tiny_bundle: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_bundle: Path):
-    """A LoRA adapter trained for a few epochs on the tiny bundle (shared, read-only)."""
-    out = tmp_path_factory.mktemp("tiny-adapter") / "adapter"
-    report = train_adapter(tiny_model, Bundle.load(tiny_bundle), out, TINY_RECIPE, device="cpu")
-    return out, report
+def sample_losses(model, tokenizer, samples) -> torch.Tensor:
+    """Each sample's mean completion loss, in one padded batch."""
+    encoded = [encode_sample(tokenizer, s.prompt, s.completion, 256) for s in samples]
+    with torch.no_grad():
+        return per_sample_loss(model, collate(encoded, tokenizer.pad_token_id))
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -113,3 +118,11 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         main(args)
     out, err = capsys.readouterr()
     return exited.value.code or 0, out, err
+
+
+def out_of_bounds(setting: Setting) -> list[Any]:
+    """A value just outside each of the setting's declared bounds, or not among its choices."""
+    if setting.choices:
+        return ["not-a-choice"]
+    edges = {"ge": -1, "gt": 0, "le": 1, "lt": 0}
+    return [bound + edges[kind] for kind, bound in setting.bounds.items()]

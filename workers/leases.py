@@ -24,6 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fudlr.control import Control
+from fudlr.states import JobState
 from service.db import Leased, transaction, utcnow
 from service.jobs.models import add_event
 from service.settings import Settings
@@ -142,7 +143,7 @@ class Lease:
                 row = session.execute(
                     select(self.model.state, self.model.lease_owner).where(self.model.id == self.id)
                 ).one()
-            self._cancel_requested = row.state == "cancelling"
+            self._cancel_requested = row.state == JobState.CANCELLING
             self.lost = self.lost or row.lease_owner != self.owner
         return self.lost or self._cancel_requested
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fudlr.control import Cancelled
 from fudlr.errors import FudlrError, InputError
+from fudlr.states import JobState, VersionState
 from service.auth.models import Tenant
 from service.db import Leased, make_engine, new_id, session_factory, transaction
 from service.files.archives import pack
@@ -76,7 +77,7 @@ class Runtime:
             try:
                 work(lease)
             except Cancelled as error:
-                self._end(lease, "cancelled", str(error))
+                self._end(lease, JobState.CANCELLED, str(error))
             except FudlrError as error:
                 problem = _error(error)
                 # a rejected repair keeps its report: what was selected, every guard attempt
@@ -84,11 +85,12 @@ class Runtime:
                 extra = {"report": found} if found is not None else {}
                 if found and found.get("dropped_biases"):
                     extra["metrics"] = {"dropped_biases": found["dropped_biases"]}
-                self._end(lease, "failed", f"failed: {problem['detail']}", error=problem, **extra)
+                failed = f"failed: {problem['detail']}"
+                self._end(lease, model.FAILED, failed, error=problem, **extra)
             except Exception as error:
                 log.exception("%s %s crashed", model.__name__, subject_id)
                 problem = {"code": "internal_error", "detail": f"{type(error).__name__}: {error}"}
-                self._end(lease, "failed", f"failed: {problem['detail']}", error=problem)
+                self._end(lease, model.FAILED, f"failed: {problem['detail']}", error=problem)
 
     def _end(self, lease: Lease, state: str, message: str, **values: Any) -> None:
         """End the row as `state`; a job whose cancellation was requested meanwhile ends
@@ -97,12 +99,12 @@ class Runtime:
             log.warning("lease on %s was lost; leaving the row to its new owner", lease.id)
             return
         with transaction(self.sessions) as session:
-            if state != "cancelled":
+            if state != JobState.CANCELLED:
                 running = (lease.model.RUNNING,)
                 if lease.finish(session, state, message, only_from=running, **values):
                     return
                 message = f"cancelled (it had {message})"
-            lease.finish(session, "cancelled", message, only_from=("cancelling",))
+            lease.finish(session, JobState.CANCELLED, message, only_from=(JobState.CANCELLING,))
 
     def _base_model(self, session: Session, model_id: str) -> Path:
         """The registered directory, refused if its weights changed since registration."""
@@ -129,7 +131,9 @@ class Runtime:
         adapter = store.adapter(version.digest)
         if _built(store.index(version.id), base_dir, adapter, config):
             # an earlier attempt finished the index but was lost before it said so
-            self._end(lease, "ready", "ready: the index an earlier attempt built", stage=None)
+            self._end(
+                lease, VersionState.READY, "ready: the index an earlier attempt built", stage=None
+            )
             return
         bundle = Bundle.load(store.bundle(recommender.bundle_digest), splits=("train",))
         build_index(
@@ -141,7 +145,8 @@ class Runtime:
             device=self.settings.device,
             control=lease.control(),
         )
-        self._end(lease, "ready", "ready: training-set index built", stage=None, progress=None)
+        built = "ready: training-set index built"
+        self._end(lease, VersionState.READY, built, stage=None, progress=None)
 
     def _debias(self, lease: Lease) -> None:
         from fudlr.data.bundle import Bundle
@@ -157,7 +162,7 @@ class Runtime:
                 )
             ).one()
             base_dir = self._base_model(session, recommender.base_model_id)
-        if version.state != "ready":
+        if version.state != VersionState.READY:
             raise InputError(
                 f"version {version.number} has no training-set index ({version.state})"
             )
@@ -235,7 +240,7 @@ class Runtime:
             )
             ended = lease.finish(
                 session,
-                "succeeded",
+                JobState.SUCCEEDED,
                 f"succeeded: version {number} published",
                 only_from=(Job.RUNNING,),
                 metrics=metrics,
@@ -261,7 +266,7 @@ class Runtime:
                 )
                 session.add(version)
         if version is None:
-            self._end(lease, "cancelled", "cancelled: the finished result was discarded")
+            self._end(lease, JobState.CANCELLED, "cancelled: the finished result was discarded")
             return None
         return version.id
 

@@ -39,6 +39,15 @@ class PromptTemplate:
             "completion": self.completion("<title>"),
         }
 
+    @classmethod
+    def from_description(cls, described: dict[str, str]) -> PromptTemplate:
+        """The template a bundle's meta.json describes; refused unless this code renders
+        its example prompt and completion exactly as recorded (the layout is code, not data)."""
+        template = cls(name=described["name"], instruction=described["instruction"])
+        if template.describe() != described:
+            raise ValueError(f"template '{template.name}' is not rendered by this code's layout")
+        return template
+
 
 MOVIES = PromptTemplate(
     name="bigrec-movies-v1",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Collection, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,20 +86,56 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     return config
 
 
+def target_matches(targets: str | Collection[str], name: str) -> bool:
+    """PEFT's rule (peft's `check_target_module_exists`) for a module's full name: a string
+    is a regular expression the name must match whole; a list names modules by their full
+    name or by a '.'-suffix ("q_proj" matches "model.layers.0.self_attn.q_proj")."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return name in targets or any(name.endswith(f".{target}") for target in targets)
+
+
+def check_targets(targets: object, modules: Iterable[str], file: str | Path) -> None:
+    """Refuse target_modules (an adapter config's) that name a module the base model lacks:
+    a string matching none of its modules, or a listed name matching none (stricter than
+    PEFT, which wants one match overall: a name that matches nothing means the adapter was
+    made for another model). Torch-free: the service checks uploads with it."""
+    names = list(modules)
+    if isinstance(targets, str):
+        try:
+            found = any(target_matches(targets, name) for name in names)
+        except re.error as error:
+            raise InputError(
+                f"target_modules is not a valid regular expression ({error})",
+                file=file,
+                field="target_modules",
+            ) from None
+        if not found:
+            raise InputError(
+                f"target_modules '{targets}' matches no module of the base model",
+                file=file,
+                field="target_modules",
+            )
+        return
+    listed = set(targets) if isinstance(targets, list) else set()
+    missing = [
+        target
+        for target in sorted(listed)
+        if not any(target_matches([target], name) for name in names)
+    ]
+    if missing:
+        raise InputError(
+            f"target_modules names modules the base model lacks: {', '.join(missing)}",
+            file=file,
+            field="target_modules",
+        )
+
+
 def check_adapter_fits(model: PreTrainedModel, adapter_dir: Path) -> dict:
     """Refuse an adapter whose target modules the base model does not have, before any compute."""
     config = read_adapter_config(adapter_dir)
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        targets = [targets]
-    module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = sorted(set(targets) - module_names)
-    if missing:
-        raise InputError(
-            f"adapter targets modules the base model lacks: {', '.join(missing)}",
-            file=adapter_dir / ADAPTER_CONFIG,
-            field="target_modules",
-        )
+    modules = (name for name, _ in model.named_modules())
+    check_targets(config.get("target_modules"), modules, adapter_dir / ADAPTER_CONFIG)
     return config
 
 

@@ -7,7 +7,10 @@ from pathlib import Path
 import typer
 
 from fudlr.console import console, progress_bar
-from fudlr.recommender.recommend import CONSTRAINED_TOP, Decoding
+from fudlr.recommender.recommend import CONSTRAINED_TOP, Decoding, RecommendConfig
+from fudlr.setting import declared, option
+
+RECOMMEND = declared(RecommendConfig)  # its options that a debias job takes too
 
 
 def train(
@@ -81,14 +84,8 @@ def recommend(
     bundle: Path = typer.Option(..., help="Data bundle directory."),
     split: str = typer.Option("test", help="Split to recommend for (one row per user)."),
     out: Path = typer.Option(..., help="recommendations.jsonl to write."),
-    decoding: Decoding = typer.Option(
-        Decoding.CONSTRAINED,
-        help="constrained: the K best catalog items by beam search over the titles; "
-        "grounded: one generated title, the catalog ranked by distance to it (BIGRec).",
-    ),
-    num_beams: int = typer.Option(
-        5, min=1, help="Beam width (constrained: at least --top; grounded: 1 = greedy)."
-    ),
+    decoding: Decoding = option(RECOMMEND["decoding"]),
+    num_beams: int = option(RECOMMEND["num_beams"]),
     batch_size: int = typer.Option(16, min=1, help="Prompts generated at once."),
     top: int = typer.Option(
         None,
@@ -103,7 +100,7 @@ def recommend(
     length_normalization: bool = typer.Option(
         False, help="Constrained: rank titles by mean, not summed, token log-probability."
     ),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for generation."),
+    precision: str = option(RECOMMEND["precision"]),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     users: int = typer.Option(
         None, min=1, help="Only a fixed-seed subset of this many users (default: all)."
@@ -113,7 +110,6 @@ def recommend(
     """Recommend K items per user of a split (constrained decoding) or rank the whole
     catalog by a generated title (grounded), and write the lists."""
     from fudlr.data.bundle import Bundle
-    from fudlr.recommender.recommend import RecommendConfig
     from fudlr.recommender.recommend import recommend as run_recommend
 
     data = Bundle.load(bundle, splits=(split,))

@@ -121,11 +121,21 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ).view_as(targets)
 
 
+def completion_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each completion token's NLL (0 elsewhere) and the mask of the completion tokens, both
+    [batch, window - 1]: a row's completion tokens are its last masked columns, in order."""
+    logits, targets = completion_logits(model, batch)
+    return token_nll(logits, targets), targets != IGNORE_INDEX
+
+
+def sample_means(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ℓ_i, shape [batch]: the mean of each row's masked token NLLs."""
+    return nll.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
 def per_sample_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-token NLL over each sample's completion tokens: ℓ_i, shape [batch]."""
-    logits, targets = completion_logits(model, batch)
-    counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return token_nll(logits, targets).sum(dim=1) / counts
+    return sample_means(*completion_nll(model, batch))
 
 
 def length_sorted_batches(

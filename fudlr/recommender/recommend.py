@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from fudlr.data.bundle import Bundle, subset
 from fudlr.data.schema import SampleRow
 from fudlr.errors import InputError
+from fudlr.models.device import PRECISIONS, Precision
+from fudlr.setting import check, setting
 
 if TYPE_CHECKING:
     import torch
@@ -42,25 +44,46 @@ CONSTRAINED_TOP = 10
 class RecommendConfig:
     """How recommendations are produced.
 
-    decoding: constrained (the K best catalog items by summed token log-probability) or
-    grounded (one generated title, the catalog ranked by distance to it). num_beams:
-    beam width (1 = greedy; constrained decoding uses at least `top`). top: keep the
-    first N items of each list (None = the full catalog under grounding, CONSTRAINED_TOP
-    under constrained decoding). exclude_history: never recommend an item already in
-    the user's history (None: yes under constrained decoding, no under grounding, whose
-    protocol ranks the whole catalog). length_normalization: constrained decoding ranks by the mean
-    instead of the sum of token log-probabilities. precision: fp32 or bf16 autocast for
-    the model (grounding embeddings are always fp32).
+    The fields with a `setting` are the ones a debias job takes (decoding, num_beams,
+    precision). batch_size: prompts generated at once. top: keep the first N items of
+    each list (None = the full catalog under grounding, CONSTRAINED_TOP under constrained
+    decoding). exclude_history: never recommend an item already in the user's history
+    (None: yes under constrained decoding, no under grounding, whose protocol ranks the
+    whole catalog). length_normalization: constrained decoding ranks by the mean instead
+    of the sum of token log-probabilities.
     """
 
-    decoding: Decoding = Decoding.CONSTRAINED
-    num_beams: int = 5
+    decoding: Decoding = field(
+        default=Decoding.CONSTRAINED,
+        metadata=setting(
+            "How the lists are decoded: constrained (the K best catalog items by beam search "
+            "over the titles) or grounded (one generated title, the catalog ranked by "
+            "distance to it, BIGRec)"
+        ),
+    )
+    num_beams: int = field(
+        default=5,
+        metadata=setting(
+            "Beam width (constrained decoding uses at least the list's length; grounded: "
+            "1 = greedy)",
+            ge=1,
+        ),
+    )
     batch_size: int = 16
     max_new_tokens: int | None = None
     top: int | None = None
     exclude_history: bool | None = None
     length_normalization: bool = False
-    precision: str = "fp32"
+    precision: Precision = field(
+        default="fp32",
+        metadata=setting(
+            "fp32, or bf16 autocast for generation (grounding's embeddings stay fp32)",
+            choices=PRECISIONS,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
 
     @property
     def excludes_history(self) -> bool:

@@ -2,7 +2,9 @@
 
 The objective is (1/B) Σ_i w_i ℓ_i per batch with ℓ_i the mean NLL of sample i's
 completion tokens; w_i = 1 gives plain SFT, other weights give the IFairLRS
-reweighting baseline. Everything is seeded: the same inputs give the same adapter.
+reweighting baseline. A `TokenLoss` replaces the objective by another function of the
+batch's token NLLs (GDRT's group DRO). Everything is seeded: the same inputs give the
+same adapter.
 """
 
 from __future__ import annotations
@@ -15,17 +17,36 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fudlr.data.bundle import Bundle
 from fudlr.data.jsonl import iter_rows
 from fudlr.data.schema import SampleRow
 from fudlr.errors import InputError
 from fudlr.models.lora import LoraSettings
-from fudlr.recommender.encoding import collate, encode_sample, per_sample_loss
+from fudlr.recommender.encoding import collate, completion_nll, encode_sample, sample_means
+
+if TYPE_CHECKING:
+    import torch
 
 TRAIN_MANIFEST = "fudlr-train.json"
 # step, total steps, running loss
 ProgressCallback = Callable[[int, int, float], None]
+
+
+class TokenLoss(Protocol):
+    """A batch's loss from its completion tokens, in place of the mean of per-sample means.
+
+    Called with the batch's sample ids (row order), each token's NLL and the mask of the
+    completion tokens ([batch, columns], as `completion_nll` returns them); `describe()`
+    goes into the adapter's manifest, so the adapter says what it was trained on.
+    """
+
+    def __call__(
+        self, sample_ids: Sequence[str], nll: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -109,14 +130,22 @@ def train_adapter(
     weights: Mapping[str, float] | None = None,
     device: str = "auto",
     progress: ProgressCallback | None = None,
+    token_loss: TokenLoss | None = None,
 ) -> TrainReport:
-    """Fine-tune a new LoRA adapter on the bundle's train split and save it to `out_dir`."""
+    """Fine-tune a new LoRA adapter on the bundle's train split and save it to `out_dir`.
+
+    `weights` scale the per-sample losses; `token_loss` replaces them (not both at once).
+    The reported losses are the mean per-sample NLL whichever loss is minimised, so runs
+    with different objectives read alike.
+    """
     import torch
 
     from fudlr.models.device import autocast, resolve_device
     from fudlr.models.lora import attach_new_adapter
     from fudlr.models.store import load_base_model, model_digest
 
+    if weights is not None and token_loss is not None:
+        raise ValueError("per-sample weights and a token loss cannot be combined")
     samples = select_samples(bundle.split("train"), config.max_samples, config.seed)
     if not samples:
         raise InputError("the train split is empty", file=bundle.root / "train.jsonl")
@@ -153,9 +182,13 @@ def train_adapter(
             indices = order[start : start + config.batch_size]
             batch = collate([encoded[i] for i in indices], tokenizer.pad_token_id).to(target)
             with autocast(target, config.precision):
-                losses = per_sample_loss(model, batch)
-            batch_weights = sample_weights[indices].to(target)
-            loss = (batch_weights * losses).sum() / len(indices)
+                nll, mask = completion_nll(model, batch)
+            losses = sample_means(nll, mask)
+            if token_loss is None:
+                batch_weights = sample_weights[indices].to(target)
+                loss = (batch_weights * losses).sum() / len(indices)
+            else:
+                loss = token_loss([samples[i].sample_id for i in indices], nll, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -181,6 +214,7 @@ def train_adapter(
         "bundle": {"path": str(bundle.root), "train_digest": bundle.digest(("train.jsonl",))},
         "sample_ids": [s.sample_id for s in samples],
         "weighted": weights is not None,
+        "token_loss": token_loss.describe() if token_loss is not None else None,
         "report": {**asdict(report), "samples_per_second": report.samples_per_second},
     }
     _save_adapter(model, out_dir, manifest)

@@ -8,12 +8,16 @@ import typer
 from rich.table import Table
 
 from fudlr.console import console, progress_bar
+from fudlr.data.bundle import Bundle
 from fudlr.influence.projection import Projection
 from fudlr.recommender.recommend import Decoding
-from fudlr.repair.config import default
+from fudlr.repair.config import SETTINGS, check_job, job_config
+from fudlr.repair.spec import BiasSpec
+from fudlr.setting import option
 
 
 def debias(
+    ctx: typer.Context,
     base_model: Path = typer.Option(..., help="Base model directory (safetensors + tokenizer)."),
     adapter: Path = typer.Option(..., help="PEFT LoRA adapter directory to repair."),
     bundle: Path = typer.Option(..., help="The bundle the adapter was trained on."),
@@ -26,107 +30,40 @@ def debias(
     index: Path = typer.Option(
         None, help="Training-set index (`fudlr index`); built into OUT/index if omitted."
     ),
-    max_fraction: float = typer.Option(0.2, help="Most training samples removed (fraction)."),
-    max_loss_increase: float = typer.Option(
-        0.02, help="Largest predicted relative increase of the validation loss."
-    ),
-    max_ndcg_drop: float = typer.Option(
-        0.05,
-        help="Accuracy budget: the largest relative drop of NDCG@accuracy-k the guard accepts "
-        "(refused when exceeded in --guard-confidence of the bootstrap resamples).",
-    ),
-    accuracy_k: int = typer.Option(
-        default("accuracy_k"), min=1, help="K of the NDCG the guard checks, whatever the biases' K."
-    ),
-    guard_confidence: float = typer.Option(
-        0.8, help="Bootstrap probability over guard users that the bias went down (0 = any drop)."
-    ),
-    eligibility: str = typer.Option(
-        "selection",
-        help="How a bias is told from noise: selection (the selection must beat random "
-        "samples on held-out query users) or samples (each sample must stand out alone).",
-    ),
-    fdr: float = typer.Option(0.05, help="Level of the eligibility test."),
-    max_other_k_increase: float = typer.Option(
-        None,
-        min=0,
-        help="Largest relative increase of the bias at the other K (1, 5, 10) the guard "
-        "accepts (default: reported, not judged).",
-    ),
-    max_upweight: float = typer.Option(
-        0.0, min=0, help="Also reinforce samples, counted up to this many more times (0: off)."
-    ),
-    query_users: int = typer.Option(128, min=1, help="Validation users behind the queries."),
-    guard_users: int = typer.Option(256, min=1, help="Validation users the guard measures."),
-    test_users: int = typer.Option(
-        None, min=0, help="Test users measured before/after (default all; 0 skips)."
-    ),
-    pool_per_group: int = typer.Option(4, min=1, help="Items scored per user and group."),
-    anchored_pools: bool = typer.Option(
-        True, help="Put the items each query user's beams ground to in its pool."
-    ),
-    random_control: str = typer.Option(
-        "require",
-        help="The same step from as many random samples: require (the selection must beat "
-        "it), report (measured, not judged) or off.",
-    ),
-    temperature: float = typer.Option(
-        None, min=1e-3, help="Of the surrogate's distribution (default: calibrated per job)."
-    ),
-    decoding: Decoding = typer.Option(
-        Decoding.CONSTRAINED,
-        help="How the hard recommendations are decoded (constrained, grounded).",
-    ),
-    num_beams: int = typer.Option(5, min=1, help="Beam width of the hard recommendations."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast for generation."),
-    projection: Projection = typer.Option(
-        None,
-        help="The gradient projection the index must store (eigenbasis, dense); "
-        "default: whatever it stores.",
-    ),
-    drop_unmeasurable: bool = typer.Option(
-        default("drop_unmeasurable"),
-        "--drop-unmeasurable",
-        help="Run on the biases the guard users can measure and report the others, instead "
-        "of failing.",
-    ),
+    max_fraction: float = option(SETTINGS["max_fraction"]),
+    max_loss_increase: float = option(SETTINGS["max_loss_increase"]),
+    max_ndcg_drop: float = option(SETTINGS["max_ndcg_drop"]),
+    accuracy_k: int = option(SETTINGS["accuracy_k"]),
+    guard_confidence: float = option(SETTINGS["guard_confidence"]),
+    eligibility: str = option(SETTINGS["eligibility"]),
+    fdr: float = option(SETTINGS["fdr"]),
+    max_other_k_increase: float = option(SETTINGS["max_other_k_increase"]),
+    max_upweight: float = option(SETTINGS["max_upweight"]),
+    query_users: int = option(SETTINGS["query_users"]),
+    guard_users: int = option(SETTINGS["guard_users"]),
+    test_users: int = option(SETTINGS["test_users"]),
+    pool_per_group: int = option(SETTINGS["pool_per_group"]),
+    anchored_pools: bool = option(SETTINGS["anchored_pools"]),
+    random_control: str = option(SETTINGS["random_control"]),
+    temperature: float = option(SETTINGS["temperature"]),
+    decoding: Decoding = option(SETTINGS["decoding"]),
+    num_beams: int = option(SETTINGS["num_beams"]),
+    precision: str = option(SETTINGS["precision"]),
+    projection: Projection = option(SETTINGS["projection"]),
+    drop_unmeasurable: bool = option(SETTINGS["drop_unmeasurable"], "--drop-unmeasurable"),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Find the training samples behind a bias and unlearn them from the LoRA weights."""
-    from fudlr.control import Control
-    from fudlr.data.bundle import Bundle
-    from fudlr.influence.index import build_index
-    from fudlr.recommender.recommend import RecommendConfig
-    from fudlr.repair.config import DebiasConfig, MaskConfig, check_job
-    from fudlr.repair.pipeline import DebiasJob
-    from fudlr.repair.spec import BiasSpec
-
-    config = DebiasConfig(
-        biases=tuple(BiasSpec.parse(text) for text in bias),
-        mask=MaskConfig(
-            max_fraction=max_fraction,
-            max_loss_increase=max_loss_increase,
-            eligibility=eligibility,
-            fdr=fdr,
-            max_upweight=max_upweight,
-        ),
-        query_users=query_users,
-        guard_users=guard_users,
-        test_users=test_users,
-        max_ndcg_drop=max_ndcg_drop,
-        accuracy_k=accuracy_k,
-        drop_unmeasurable=drop_unmeasurable,
-        guard_confidence=guard_confidence,
-        pool_per_group=pool_per_group,
-        anchored_pools=anchored_pools,
-        random_control=random_control,
-        max_other_k_increase=max_other_k_increase,
-        temperature=temperature,
-        projection=projection,
-        recommend=RecommendConfig(decoding=decoding, num_beams=num_beams, precision=precision),
-    )
+    # the flags named after a setting are the job's, checked before torch is imported
+    settings = {name: value for name, value in ctx.params.items() if name in SETTINGS}
+    config = job_config([BiasSpec.parse(text) for text in bias], settings)
     data = Bundle.load(bundle)
     check_job(data, config)
+
+    from fudlr.control import Control
+    from fudlr.influence.index import build_index
+    from fudlr.repair.pipeline import DebiasJob
+
     with progress_bar("debias") as bar:
 
         def show(stage: str, done: int, total: int) -> None:

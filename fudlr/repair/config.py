@@ -1,14 +1,16 @@
 """What a debias job is asked to do, checked without loading torch or a model.
 
 The service validates job requests with these same objects in its request path, where
-torch is never imported; the pipeline then runs them.
+torch is never imported; the pipeline then runs them. Each setting's default, bounds and
+help are declared on its field (fudlr/setting.py): SETTINGS names them for the API's
+fields and the command lines' options, and job_config builds a job from them by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
 
 from fudlr.data.bundle import Bundle, subset
 from fudlr.data.schema import SampleRow
@@ -17,164 +19,252 @@ from fudlr.fairness.groups import Groups
 from fudlr.influence.projection import Projection
 from fudlr.recommender.recommend import Decoding, RecommendConfig, check_decodable
 from fudlr.repair.spec import BiasSpec
+from fudlr.setting import check, declared, setting
 
-ELIGIBILITY = ("selection", "samples")
+Eligibility = Literal["selection", "samples"]
+ELIGIBILITY: tuple[str, ...] = get_args(Eligibility)
 
 
 @dataclass(frozen=True)
 class MaskConfig:
-    """Mask learning options.
+    """Mask learning options; each field's `setting` says what it does.
 
-    alpha: weight of the predicted validation-loss increase (relative to the loss).
-    eligibility: how the mask tells a bias from the queries' noise. "selection" (default):
-    every sample whose marginal effect helps is a candidate, and the selection is kept only
-    if one of its size, chosen on half of the query users, beats as many random samples on
+    Eligibility is how the mask tells a bias from the queries' noise. "selection": every
+    sample whose marginal effect helps is a candidate, and the selection is kept only if
+    one of its size, chosen on half of the query users, beats as many random samples on
     the other half (a cross-fitted one-sided t-test at level `fdr`): its power grows with
     the selection, so a bias spread thinly over many samples is found. "samples": a sample
     is a candidate only if its own effect is significantly helpful (a t-test over the query
     users per sample, Benjamini-Hochberg at false discovery rate `fdr`).
-    fdr: the level of the eligibility test.
-    beta: sparsity: removing an eligible sample costs beta times that noise level, so the
-    mask stops adding samples whose help has faded. steps: Frank-Wolfe iterations.
-    binarize: keep samples with m > 0.5 at weight 1, or keep soft weights.
-    max_fraction: most training samples removed (or reinforced). max_loss_increase: largest
-    predicted relative increase of the validation loss the selection may cause.
-    smoothing: scale of the smoothed |x| and max, relative to each target's initial size.
-    max_upweight: how far a sample may also be *reinforced*: weight down to -max_upweight,
-    i.e. counted up to max_upweight more times (0 = removal only). Removal can only move
-    recommendations away from an over-served group, and they go where the model's next
-    choice lies; a group the model never recommends is reached by reinforcing the samples
-    that teach it (the influence-guided form of reweighting the training set).
+
+    Reinforcing (max_upweight > 0): removal can only move recommendations away from an
+    over-served group, and they go where the model's next choice lies; a group the model
+    never recommends is reached by reinforcing the samples that teach it (the
+    influence-guided form of reweighting the training set).
     """
 
-    alpha: float = 1.0
-    eligibility: str = "selection"
-    fdr: float = 0.05
-    beta: float = 0.5
-    steps: int = 200
-    binarize: bool = True
-    max_fraction: float = 0.2
-    max_loss_increase: float = 0.02
-    smoothing: float = 0.01
-    max_upweight: float = 0.0
+    alpha: float = field(
+        default=1.0,
+        metadata=setting(
+            "Weight of the predicted validation-loss increase, relative to the loss", ge=0
+        ),
+    )
+    eligibility: Eligibility = field(
+        default="selection",
+        metadata=setting(
+            "How a bias is told from noise: selection (the selection must beat as many "
+            "random samples on held-out query users) or samples (each sample's own effect "
+            "must be significant, Benjamini-Hochberg)",
+            choices=ELIGIBILITY,
+        ),
+    )
+    fdr: float = field(
+        default=0.05,
+        metadata=setting("Level of the eligibility test (higher: more samples)", gt=0, lt=1),
+    )
+    beta: float = field(
+        default=0.5,
+        metadata=setting(
+            "Sparsity: removing an eligible sample costs beta times the queries' noise "
+            "level, so the mask stops adding samples whose help has faded",
+            ge=0,
+        ),
+    )
+    steps: int = field(default=200, metadata=setting("Frank-Wolfe iterations", ge=1))
+    binarize: bool = field(
+        default=True,
+        metadata=setting("Keep the samples weighted above 0.5 at weight 1, not soft weights"),
+    )
+    max_fraction: float = field(
+        default=0.2,
+        metadata=setting(
+            "Most training samples unlearned (removed or reinforced), as a fraction", gt=0, le=1
+        ),
+    )
+    max_loss_increase: float = field(
+        default=0.02,
+        metadata=setting(
+            "Largest predicted relative increase of the validation loss the selection may cause",
+            ge=0,
+        ),
+    )
+    smoothing: float = field(
+        default=0.01,
+        metadata=setting(
+            "Scale of the smoothed |x| and max, relative to each target's initial size", ge=0
+        ),
+    )
+    max_upweight: float = field(
+        default=0.0,
+        metadata=setting(
+            "Samples may also be reinforced, counted up to this many more times (0: removal only)",
+            ge=0,
+        ),
+    )
 
     def __post_init__(self) -> None:
-        if not 0 < self.fdr < 1:
-            raise InputError("fdr must be in (0, 1)")
-        if self.eligibility not in ELIGIBILITY:
-            raise InputError(
-                f"eligibility must be one of {', '.join(ELIGIBILITY)}, not {self.eligibility!r}",
-                field="eligibility",
-            )
-        if not 0 < self.max_fraction <= 1:
-            raise InputError("max_fraction must be in (0, 1]")
-        if min(self.alpha, self.beta, self.max_loss_increase, self.smoothing) < 0:
-            raise InputError("alpha, beta, max_loss_increase and smoothing must not be negative")
-        if self.max_upweight < 0:
-            raise InputError("max_upweight must not be negative")
-        if self.steps < 1:
-            raise InputError("steps must be at least 1")
+        check(self)
 
 
 # η = 1 is the full removal; a step that moves few samples can still be far outside the
 # region where the recommender is linear in the weights, so the search goes down to 1/64
 STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 1 / 16, 1 / 32, 1 / 64)
-RANDOM_CONTROL = ("off", "report", "require")
+RandomControl = Literal["off", "report", "require"]
+RANDOM_CONTROL: tuple[str, ...] = get_args(RandomControl)
 # the K every measurement reports besides the biases' own (within the lists' length)
 REPORTED_KS = (1, 5, 10)
 
 
 @dataclass(frozen=True)
 class DebiasConfig:
-    """A debias job.
+    """A debias job: the biases, and settings whose `setting` says what each does.
 
-    query_users: validation users whose surrogates define the fairness and accuracy
-    queries. pool_per_group: items scored per user and stratum (item biases).
-    anchored_pools: put the items each query user's beams ground to (its recommendation
-    and the num_beams - 1 runners-up) in its pool, so the surrogate sees the titles the
-    model actually recommends or nearly does.
-    temperature: of the surrogate's recommendation distribution; None = calibrated per job,
-    the one at which the surrogate's shares best match the query users' measured GP@K.
-    guard_users: validation users on which the guard measures the hard metrics (None =
-    all). max_ndcg_drop: the accuracy budget, the largest relative drop of NDCG@accuracy_k
-    the guard accepts: a step is refused when the drop exceeds it in at least
-    guard_confidence of the bootstrap resamples. guard_confidence: the guard accepts a
-    step only if, in a paired bootstrap over the guard users, the bias went down in at
-    least this fraction of resamples (0 = any measured reduction, and any measured drop
-    beyond the budget refuses). step_sizes: η tried in order. guard_tries: how many of
-    them the guard measures: the step sizes are first
-    ranked by the hard bias change on the query users (decoded at θ + ηΔθ), and the guard
-    confirms only the best `guard_tries` that improve there, on its own users.
-    step_patience: stop trying step sizes after this many in a row that do no better on
-    the query users than the best one before them (None: try them all).
-    random_control: the same Newton step at the same η from as many random training
-    samples (same weights), measured on the guard users: whether the selection or any step
-    of that size moved the bias. "require" (default): the guard accepts a step only if the
-    selection beats it (paired bootstrap, `guard_confidence`; one more decoding per step the
-    guard would otherwise accept); "report": measured after acceptance, not judged; "off".
-    max_other_k_increase: largest relative increase of each bias at the other reported K
-    (1, 5, 10) the guard accepts; None: measured and reported, not judged.
-    accuracy_k: K of the NDCG the guard checks, whatever the biases' K (at most the
-    catalog's size). max_ndcg_drop is judged on it in the bias's paired bootstrap.
-    drop_unmeasurable: a bias the guard users cannot measure (a user group with none of
-    them or with no hit among them, an item group absent from their histories) fails the
-    job up front; with this, the job runs on the others and reports the dropped ones.
-    test_users: test users measured before and after (None = all, 0 = skip the test split).
-    projection: the gradient projection the job expects its index to store (None: whatever
-    it stores); an index built with another one is refused, not silently used.
+    The guard judges each step on its own users: the step sizes are first ranked by the
+    hard bias change on the query users (decoded at θ + ηΔθ), and the guard confirms only
+    the best `guard_tries` that improve there; a step is published when the bias went
+    down, accuracy stayed within its budget and, under random_control "require", the
+    selection beat as many random samples.
     """
 
     biases: tuple[BiasSpec, ...]
     mask: MaskConfig = field(default_factory=MaskConfig)
-    query_users: int | None = 128
-    pool_per_group: int = 4
-    anchored_pools: bool = True
-    temperature: float | None = None
-    guard_users: int | None = 256
-    max_ndcg_drop: float = 0.05
-    guard_confidence: float = 0.8
-    step_sizes: tuple[float, ...] = STEP_SIZES
-    guard_tries: int = 3
-    step_patience: int | None = 2
-    random_control: str = "require"
-    max_other_k_increase: float | None = None
-    accuracy_k: int = 10
-    drop_unmeasurable: bool = False
-    test_users: int | None = None
-    projection: Projection | None = None
+    query_users: int | None = field(
+        default=128,
+        metadata=setting(
+            "Validation users whose surrogates define the fairness and accuracy queries "
+            "(unset: all)",
+            ge=1,
+        ),
+    )
+    pool_per_group: int = field(
+        default=4, metadata=setting("Items scored per user and group (item biases)", ge=1)
+    )
+    anchored_pools: bool = field(
+        default=True,
+        metadata=setting(
+            "Put the items each query user's beams ground to (its recommendation and the "
+            "runners-up) in its pool, so the surrogate sees the titles the model recommends "
+            "or nearly does"
+        ),
+    )
+    temperature: float | None = field(
+        default=None,
+        metadata=setting(
+            "Of the surrogate's recommendation distribution (unset: calibrated per job, the "
+            "one at which the surrogate's shares best match the query users' measured GP@K)",
+            gt=0,
+        ),
+    )
+    guard_users: int | None = field(
+        default=256,
+        metadata=setting(
+            "Validation users on which the guard measures the hard metrics (unset: all)", ge=1
+        ),
+    )
+    max_ndcg_drop: float = field(
+        default=0.05,
+        metadata=setting(
+            "The accuracy budget: the largest relative drop of NDCG@accuracy_k the guard "
+            "accepts; a step is refused when the drop exceeds it in at least "
+            "guard_confidence of the bootstrap resamples of the guard users",
+            ge=0,
+            lt=1,
+        ),
+    )
+    guard_confidence: float = field(
+        default=0.8,
+        metadata=setting(
+            "Share of paired bootstrap resamples of the guard users in which the bias must "
+            "go down for a step to be published (0: any measured reduction, and any "
+            "measured accuracy drop beyond the budget refuses)",
+            ge=0,
+            lt=1,
+        ),
+    )
+    step_sizes: tuple[float, ...] = field(
+        default=STEP_SIZES,
+        metadata=setting(
+            "Step sizes η tried, each in (0, 4] (1: the full removal), ranked by the bias "
+            "change on the query users"
+        ),
+    )
+    guard_tries: int = field(
+        default=3,
+        metadata=setting(
+            "How many of the best step sizes on the query users the guard confirms", ge=1
+        ),
+    )
+    step_patience: int | None = field(
+        default=2,
+        metadata=setting(
+            "Stop trying step sizes after this many in a row that do no better on the query "
+            "users than the best before them (unset: try them all)",
+            ge=1,
+        ),
+    )
+    random_control: RandomControl = field(
+        default="require",
+        metadata=setting(
+            "The same step from as many random training samples, on the guard users: "
+            "require (the selection must beat it, one more decoding per accepted step), "
+            "report (measured, not judged) or off",
+            choices=RANDOM_CONTROL,
+        ),
+    )
+    max_other_k_increase: float | None = field(
+        default=None,
+        metadata=setting(
+            "Largest relative increase of each bias at the other reported K (1, 5, 10) the "
+            "guard accepts (unset: measured and reported, not judged)",
+            ge=0,
+        ),
+    )
+    accuracy_k: int = field(
+        default=10,
+        metadata=setting(
+            "K of the NDCG the guard checks, whatever the biases' K (at most the catalog's size)",
+            ge=1,
+        ),
+    )
+    drop_unmeasurable: bool = field(
+        default=False,
+        metadata=setting(
+            "Run on the biases the guard users can measure and report the others, instead "
+            "of failing the job (a user group with none of them or no hit among them, an "
+            "item group absent from their histories)"
+        ),
+    )
+    test_users: int | None = field(
+        default=None,
+        metadata=setting(
+            "Test users measured before and after (unset: all; 0 skips the test split)", ge=0
+        ),
+    )
+    projection: Projection | None = field(
+        default=None,
+        metadata=setting(
+            "The gradient projection the training-set index must store, eigenbasis or dense "
+            "(unset: whatever it stores); an index built with another is refused"
+        ),
+    )
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
-    max_length: int = 256
-    batch_size: int = 8
-    seed: int = 0
+    max_length: int = field(
+        default=256, metadata=setting("Tokens kept of a sample's prompt and answer", ge=1)
+    )
+    batch_size: int = field(
+        default=8, metadata=setting("Samples per batch of gradient passes", ge=1)
+    )
+    seed: int = field(
+        default=0,
+        metadata=setting("Seed of the query and guard users' draws and the random control"),
+    )
 
     def __post_init__(self) -> None:
         if not self.biases:
             raise InputError("a debias job needs at least one bias")
         check_distinct(self.biases)
-        if not self.step_sizes or any(not 0 < eta <= 4 for eta in self.step_sizes):
-            raise InputError("step sizes must be in (0, 4]")
-        if self.step_patience is not None and self.step_patience < 1:
-            raise InputError("step_patience must be at least 1")
-        if self.guard_tries < 1:
-            raise InputError("guard_tries must be at least 1")
-        if not 0 <= self.max_ndcg_drop < 1:
-            raise InputError("max_ndcg_drop must be in [0, 1)")
-        if self.accuracy_k < 1:
-            raise InputError("accuracy_k must be at least 1", field="accuracy_k")
-        if not 0 <= self.guard_confidence < 1:
-            raise InputError("guard_confidence must be in [0, 1)")
-        if self.max_other_k_increase is not None and self.max_other_k_increase < 0:
-            raise InputError(
-                "max_other_k_increase must not be negative", field="max_other_k_increase"
-            )
-        if self.random_control not in RANDOM_CONTROL:
-            raise InputError(
-                f"random_control must be one of {', '.join(RANDOM_CONTROL)}, "
-                f"not {self.random_control!r}",
-                field="random_control",
-            )
-        if (self.temperature is not None and self.temperature <= 0) or self.pool_per_group < 1:
-            raise InputError("temperature must be positive and pool_per_group at least 1")
+        check(self)
+        check_step_sizes(self.step_sizes)
         deepest = max(self.accuracy_k, *REPORTED_KS, *(bias.k for bias in self.biases))
         if self.recommend.decoding == Decoding.CONSTRAINED and self.recommend.top is None:
             # constrained lists are as long as the deepest K measured, no longer: each
@@ -188,9 +278,31 @@ class DebiasConfig:
             )
 
 
-def default(name: str) -> Any:
-    """A DebiasConfig field's default, for the CLI's and the API's options to share."""
-    return next(item.default for item in fields(DebiasConfig) if item.name == name)
+# every setting of a job by name, one flat namespace: the API's budget and options and the
+# command lines' flags are these names
+SETTINGS = declared(MaskConfig, DebiasConfig, RecommendConfig)
+
+
+def job_config(biases: Sequence[BiasSpec], values: Mapping[str, Any]) -> DebiasConfig:
+    """A debias job from settings by name (the API's budget and options, `fudlr debias`'s
+    flags): each goes to the config that declares it; a setting not given keeps its
+    default."""
+    parts: dict[type, dict[str, Any]] = {MaskConfig: {}, RecommendConfig: {}, DebiasConfig: {}}
+    for name, value in values.items():
+        parts[SETTINGS[name].owner][name] = value
+    return DebiasConfig(
+        biases=tuple(biases),
+        mask=MaskConfig(**parts[MaskConfig]),
+        recommend=RecommendConfig(**parts[RecommendConfig]),
+        **parts[DebiasConfig],
+    )
+
+
+def check_step_sizes(sizes: Sequence[float]) -> None:
+    """At least one step size, each toward the removal and at most 4 times it: beyond,
+    the recommender is far from linear in the weights."""
+    if not sizes or any(not 0 < eta <= 4 for eta in sizes):
+        raise InputError("step sizes must be in (0, 4]", field="step_sizes")
 
 
 def check_projection(stored: Projection, asked: Projection | None) -> None:

@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
+from fudlr.states import TERMINAL, JobState, VersionState
 from service.context import Context, ContextDep
 from service.jobs.models import Job
 from service.problems import Problem
@@ -26,8 +27,6 @@ from service.recommenders.models import Version
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
-VERSION_STATES = ("indexing", "ready", "failed")
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
 
 
@@ -97,8 +96,8 @@ class ServiceCollector(Collector):
                     Job.started_at.is_not(None), Job.finished_at.is_not(None)
                 )
             ).all()
-        yield _by_state("fudlr_jobs", "Jobs by state", JOB_STATES, jobs)
-        yield _by_state("fudlr_versions", "Versions by index state", VERSION_STATES, versions)
+        yield _by_state("fudlr_jobs", "Jobs by state", tuple(JobState), jobs)
+        yield _by_state("fudlr_versions", "Versions by index state", tuple(VersionState), versions)
         yield _durations(finished)
         depth = GaugeMetricFamily(
             "fudlr_queue_depth", "Task messages waiting in the broker", labels=["queue"]
@@ -123,7 +122,7 @@ def _durations(finished: list[Any]) -> Metric:
         "Wall time of finished jobs, first claim to end",
         labels=["state"],
     )
-    for state in ("succeeded", "failed", "cancelled"):
+    for state in TERMINAL:
         seconds = [
             (row.finished_at - row.started_at).total_seconds()
             for row in finished

@@ -8,17 +8,17 @@ from typing import Any, ClassVar
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from fudlr.states import JobState
 from service.db import Base, Leased, utcnow
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class Job(Leased, Base):
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
 
-    PENDING: ClassVar[str] = "queued"
-    RUNNING: ClassVar[str] = "running"
+    PENDING: ClassVar[str] = JobState.QUEUED
+    RUNNING: ClassVar[str] = JobState.RUNNING
+    FAILED: ClassVar[str] = JobState.FAILED
 
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     recommender_id: Mapped[str] = mapped_column(ForeignKey("recommenders.id"), index=True)

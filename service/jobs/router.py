@@ -7,10 +7,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import select
 
+from fudlr.states import JobState
 from service.auth.service import StoreDep, TenantDep, owned
 from service.context import ContextDep, SessionDep
 from service.jobs.models import Job
-from service.jobs.schemas import EventPage, JobCreate, JobOut, JobState
+from service.jobs.schemas import EventPage, JobCreate, JobOut
 from service.jobs.service import cancel_job, create_job, events_after, job_out
 from service.pagination import Page, paginate
 from service.problems import Problem

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Literal
 
@@ -9,12 +11,49 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from fudlr.errors import InputError
 from fudlr.influence.projection import Projection
-from fudlr.recommender.recommend import Decoding, RecommendConfig
-from fudlr.repair.config import STEP_SIZES, DebiasConfig, MaskConfig, check_distinct, default
+from fudlr.models.device import Precision
+from fudlr.recommender.recommend import Decoding
+from fudlr.repair.config import (
+    SETTINGS,
+    DebiasConfig,
+    Eligibility,
+    RandomControl,
+    check_distinct,
+    check_step_sizes,
+    job_config,
+)
 from fudlr.repair.spec import BiasSpec
+from fudlr.states import JobState
 from service.validation import INT32_MAX, Id, RequestModel, Text
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelling", "cancelled"]
+_DECLARED: Any = object()
+
+
+def from_setting(name: str, default: Any = _DECLARED, note: str = "", **limits: Any) -> Any:
+    """The request field of the job setting `name`: its default, bounds and help as the
+    method declares them (fudlr/repair/config.py), plus the API's own `limits` (what the
+    database stores, what one request may cost), which may not restate a declared bound.
+    `default` and `note`: where leaving the field out means something else here."""
+    declared = SETTINGS[name]
+    restated = declared.setting.bounds.keys() & limits.keys()
+    if restated:
+        raise TypeError(f"{name}: {', '.join(sorted(restated))} is declared by the setting")
+    return Field(
+        declared.default if default is _DECLARED else default,
+        description=declared.setting.help + note,
+        **declared.setting.bounds,
+        **limits,
+    )
+
+
+@contextmanager
+def _as_value_error() -> Iterator[None]:
+    """The method's InputError as the ValueError that pydantic reports at the field being
+    validated (with the API's field path)."""
+    try:
+        yield
+    except InputError as error:
+        raise ValueError(error.reason) from None
 
 
 class Bias(RequestModel):
@@ -34,10 +73,8 @@ class Bias(RequestModel):
 
     @model_validator(mode="after")
     def _form(self) -> Bias:
-        try:
+        with _as_value_error():
             self.spec().check_form()
-        except InputError as error:
-            raise ValueError(error.reason) from None
         return self
 
     def spec(self) -> BiasSpec:
@@ -45,79 +82,50 @@ class Bias(RequestModel):
 
 
 class Budget(RequestModel):
-    """max_fraction: most training samples unlearned. max_loss_increase: largest predicted
-    relative validation-loss increase. max_ndcg_drop: the accuracy budget, the largest
-    relative drop of NDCG@accuracy_k the guard accepts: a step is refused when the drop
-    exceeds it in at least guard_confidence of the bootstrap resamples of the guard users.
-    accuracy_k: K of that NDCG, whatever the biases' K (at most the catalog).
-    eligibility: "selection" (the selection must beat as many random samples on held-out
-    query users) or "samples" (each sample's own effect must be significant,
-    Benjamini-Hochberg). fdr: the level of that test (higher: more
-    samples).
-    guard_confidence: the share of paired bootstrap resamples of the guard users in which
-    the bias must have gone down for a step to be published (0 = any measured drop).
-    max_upweight: samples may also be reinforced, counted up to this many more times
-    (0 = removal only). max_other_k_increase: largest relative increase of each bias at
-    the other reported K (1, 5, 10) the guard accepts (null = reported, not judged)."""
+    """How much the repair may change the adapter, and how sure the guard must be that
+    it helped; each field is a setting of the method, described where it is declared."""
 
-    max_fraction: float = Field(0.2, gt=0, le=1)
-    max_loss_increase: float = Field(0.02, ge=0)
-    max_ndcg_drop: float = Field(0.05, ge=0, lt=1)
-    accuracy_k: int = Field(default("accuracy_k"), ge=1, le=1000)
-    eligibility: Literal["selection", "samples"] = "selection"
-    fdr: float = Field(0.05, gt=0, lt=1)
-    guard_confidence: float = Field(0.8, ge=0, lt=1)
-    max_upweight: float = Field(0.0, ge=0)
-    max_other_k_increase: float | None = Field(None, ge=0)
+    max_fraction: float = from_setting("max_fraction")
+    max_loss_increase: float = from_setting("max_loss_increase")
+    max_ndcg_drop: float = from_setting("max_ndcg_drop")
+    accuracy_k: int = from_setting("accuracy_k", le=1000)
+    eligibility: Eligibility = from_setting("eligibility")
+    fdr: float = from_setting("fdr")
+    guard_confidence: float = from_setting("guard_confidence")
+    max_upweight: float = from_setting("max_upweight")
+    max_other_k_increase: float | None = from_setting("max_other_k_increase")
 
 
 class Options(RequestModel):
-    """query_users / guard_users: validation users behind the influence queries and the
-    guard; test_users: measured before/after (null = all, 0 = skip); step_sizes: ranked
-    by the bias change on the query users (largest first, stopping after `step_patience`
-    sizes in a row worse than the best; null: all), and the guard confirms the best
-    `guard_tries`;
-    anchored_pools: the items each query user's beams ground to in its pool; temperature:
-    of the surrogate's recommendation distribution (null = calibrated); random_control:
-    the same step from as many random samples, which the selection must beat ("require"),
-    or only measured ("report", the report's `random_control`), or "off";
-    drop_unmeasurable: run on the biases the guard users can measure and report the
-    others in `metrics.dropped_biases`, instead of refusing the job (`unmeasurable_bias`)."""
+    """Which users the job measures on, how it decodes and how it searches the step; each
+    field is a setting of the method, described where it is declared."""
 
-    query_users: int = Field(128, ge=1, le=INT32_MAX)
-    guard_users: int = Field(256, ge=1, le=INT32_MAX)
-    test_users: int | None = Field(None, ge=0, le=INT32_MAX)
-    pool_per_group: int = Field(4, ge=1, le=64)
-    anchored_pools: bool = True
-    temperature: float | None = Field(None, gt=0, le=10)
-    decoding: Decoding | None = Field(
-        None,
-        description="constrained (history items excluded) or grounded (the whole catalog "
-        "ranked); null: the recommender's own, filled in at submission",
+    query_users: int = from_setting("query_users", le=INT32_MAX)
+    guard_users: int = from_setting("guard_users", le=INT32_MAX)
+    test_users: int | None = from_setting("test_users", le=INT32_MAX)
+    pool_per_group: int = from_setting("pool_per_group", le=64)
+    anchored_pools: bool = from_setting("anchored_pools")
+    temperature: float | None = from_setting("temperature", le=10)
+    decoding: Decoding | None = from_setting(
+        "decoding", default=None, note="; null: the recommender's own, filled in at submission"
     )
-    num_beams: int = Field(5, ge=1, le=16)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    projection: Projection | None = Field(
-        None,
-        description="the gradient projection the version's index must store (eigenbasis or "
-        "dense); null: whatever it stores. A mismatch is refused at submission.",
+    num_beams: int = from_setting("num_beams", le=16)
+    precision: Precision = from_setting("precision")
+    projection: Projection | None = from_setting("projection")
+    step_sizes: tuple[float, ...] = from_setting("step_sizes", min_length=1, max_length=16)
+    guard_tries: int = from_setting("guard_tries", le=16)
+    step_patience: int | None = from_setting("step_patience", le=16)
+    random_control: RandomControl = from_setting("random_control")
+    drop_unmeasurable: bool = from_setting(
+        "drop_unmeasurable", note="; the dropped ones are in `metrics.dropped_biases`"
     )
-    step_sizes: list[float] = Field(
-        default_factory=lambda: list(STEP_SIZES),
-        min_length=1,
-        max_length=16,
-    )
-    guard_tries: int = Field(3, ge=1, le=16)
-    step_patience: int | None = Field(2, ge=1, le=16)
-    random_control: Literal["off", "report", "require"] = "require"
-    drop_unmeasurable: bool = default("drop_unmeasurable")
-    seed: int = Field(0, ge=-INT32_MAX, le=INT32_MAX)
+    seed: int = from_setting("seed", ge=-INT32_MAX, le=INT32_MAX)
 
     @field_validator("step_sizes")
     @classmethod
-    def _in_range(cls, sizes: list[float]) -> list[float]:
-        if any(not 0 < eta <= 4 for eta in sizes):
-            raise ValueError("step sizes must be in (0, 4]")
+    def _in_range(cls, sizes: tuple[float, ...]) -> tuple[float, ...]:
+        with _as_value_error():
+            check_step_sizes(sizes)
         return sizes
 
 
@@ -131,57 +139,24 @@ class JobSpec(RequestModel):
     @field_validator("biases")
     @classmethod
     def _distinct(cls, biases: list[Bias]) -> list[Bias]:
-        try:
+        with _as_value_error():
             check_distinct([bias.spec() for bias in biases])
-        except InputError as error:
-            raise ValueError(error.reason) from None
         return biases
 
     @model_validator(mode="after")
     def _valid_config(self) -> JobSpec:
         """Every other check of the method's own, so the API refuses at submission what the
         worker would refuse later (the field validators above say where)."""
-        try:
+        with _as_value_error():
             self.to_config()
-        except InputError as error:
-            raise ValueError(error.reason) from None
         return self
 
     def to_config(self) -> DebiasConfig:
         """This specification as the method's configuration (what the worker runs)."""
-        budget, options = self.budget, self.options
-        return DebiasConfig(
-            biases=tuple(bias.spec() for bias in self.biases),
-            mask=MaskConfig(
-                max_fraction=budget.max_fraction,
-                max_loss_increase=budget.max_loss_increase,
-                eligibility=budget.eligibility,
-                fdr=budget.fdr,
-                max_upweight=budget.max_upweight,
-            ),
-            max_ndcg_drop=budget.max_ndcg_drop,
-            accuracy_k=budget.accuracy_k,
-            guard_confidence=budget.guard_confidence,
-            max_other_k_increase=budget.max_other_k_increase,
-            query_users=options.query_users,
-            guard_users=options.guard_users,
-            test_users=options.test_users,
-            pool_per_group=options.pool_per_group,
-            anchored_pools=options.anchored_pools,
-            temperature=options.temperature,
-            step_sizes=tuple(options.step_sizes),
-            guard_tries=options.guard_tries,
-            step_patience=options.step_patience,
-            random_control=options.random_control,
-            drop_unmeasurable=options.drop_unmeasurable,
-            projection=options.projection,
-            recommend=RecommendConfig(
-                decoding=options.decoding or Decoding.CONSTRAINED,
-                num_beams=options.num_beams,
-                precision=options.precision,
-            ),
-            seed=options.seed,
-        )
+        settings = self.budget.model_dump() | self.options.model_dump()
+        if settings["decoding"] is None:  # the recommender's own: filled in at submission
+            del settings["decoding"]
+        return job_config([bias.spec() for bias in self.biases], settings)
 
 
 class JobCreate(JobSpec):

@@ -26,10 +26,11 @@ from fudlr.repair.config import (
     screened,
     unmeasurable_in_data,
 )
+from fudlr.states import TERMINAL, JobState, VersionState
 from service.auth.models import Tenant
 from service.auth.service import owned
 from service.db import new_id, utcnow
-from service.jobs.models import TERMINAL, Event, Job, add_event
+from service.jobs.models import Event, Job, add_event
 from service.jobs.schemas import JobCreate, JobSpec
 from service.problems import Problem, not_found
 from service.recommenders.models import Recommender, Version
@@ -58,7 +59,7 @@ def create_job(
     recommender = owned(session, Recommender, request.recommender_id, tenant, "recommender")
     number = request.version or latest_number(session, recommender.id)
     version = version_of(session, recommender, number)
-    if version.state != "ready":
+    if version.state != VersionState.READY:
         reason = version.error["detail"] if version.error else "its training-set index is building"
         raise Problem(
             409,
@@ -172,17 +173,17 @@ def cancel_job(session: Session, job: Job) -> Job:
         session.refresh(job)
         if job.state in TERMINAL:
             raise Problem(409, "job_finished", f"job '{job.id}' already {job.state}")
-        if job.state == "cancelling":
+        if job.state == JobState.CANCELLING:
             return job
-        target = "cancelled" if job.state == Job.PENDING else "cancelling"
-        values: dict[str, Any] = {"state": target}
-        if target == "cancelled":
+        at_once = job.state == Job.PENDING
+        values: dict[str, Any] = {"state": JobState.CANCELLED if at_once else JobState.CANCELLING}
+        if at_once:
             values["finished_at"] = utcnow()
         changed = session.execute(
             update(Job).where(Job.id == job.id, Job.state == job.state).values(**values)
         ).rowcount
         if changed == 1:
-            message = "cancelled before it started" if target == "cancelled" else "cancel requested"
+            message = "cancelled before it started" if at_once else "cancel requested"
             add_event(session, job.id, "state", message)
             session.commit()
             session.refresh(job)

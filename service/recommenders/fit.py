@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from fudlr.errors import InputError
-from fudlr.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+from fudlr.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_targets, read_adapter_config
 from fudlr.models.store import weight_files
 from service.files.tensors import read_header
 
@@ -26,7 +26,7 @@ def check_fit(base_dir: Path, adapter_dir: Path) -> None:
     for name in weight_files(base_dir):
         base.update({key: shape for key, (_, shape) in read_header(base_dir / name).items()})
     modules = {key.removesuffix(".weight") for key in base if key.endswith(".weight")}
-    _check_targets(config.get("target_modules"), modules)
+    check_targets(config.get("target_modules"), modules, ADAPTER_CONFIG)
     for key, (_, shape) in read_header(adapter_dir / ADAPTER_WEIGHTS).items():
         match = _LORA.match(key.removeprefix(_PEFT_PREFIX))
         if match is None:
@@ -48,23 +48,3 @@ def check_fit(base_dir: Path, adapter_dir: Path) -> None:
                 file=ADAPTER_WEIGHTS,
                 field=key,
             )
-
-
-def _check_targets(targets: object, modules: set[str]) -> None:
-    """PEFT's rule: a list names module suffixes; a string is a regex over full names."""
-    if isinstance(targets, str):
-        if not any(re.fullmatch(targets, module) for module in modules):
-            raise InputError(
-                f"target_modules '{targets}' matches no module of the base model",
-                file=ADAPTER_CONFIG,
-                field="target_modules",
-            )
-        return
-    suffixes = {module.rsplit(".", 1)[-1] for module in modules}
-    missing = sorted(set(targets or []) - suffixes)
-    if missing:
-        raise InputError(
-            f"targets modules the base model lacks: {', '.join(missing)}",
-            file=ADAPTER_CONFIG,
-            field="target_modules",
-        )

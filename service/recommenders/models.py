@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from sqlalchemy import BigInteger, ForeignKey, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from fudlr.states import VersionState
 from service.db import Base, Leased, utcnow
 
 
@@ -37,8 +38,9 @@ class Version(Leased, Base):
     __tablename__ = "versions"
     __table_args__ = (UniqueConstraint("recommender_id", "number"),)
 
-    PENDING: ClassVar[str] = "indexing"
-    RUNNING: ClassVar[str] = "indexing"
+    PENDING: ClassVar[str] = VersionState.INDEXING
+    RUNNING: ClassVar[str] = VersionState.INDEXING
+    FAILED: ClassVar[str] = VersionState.FAILED
 
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     recommender_id: Mapped[str] = mapped_column(ForeignKey("recommenders.id"), index=True)

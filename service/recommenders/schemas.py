@@ -9,10 +9,9 @@ from pydantic import BaseModel, Field
 
 from fudlr.influence.projection import Projection
 from fudlr.recommender.recommend import Decoding
+from fudlr.states import VersionState
 from service.jobs.schemas import JobError
 from service.validation import INT32_MAX, Id, RequestModel, Text
-
-State = Literal["indexing", "ready", "failed"]
 
 
 class DataFiles(RequestModel):
@@ -70,7 +69,7 @@ class RecommenderOut(BaseModel):
     data: dict[str, str]
     index: dict[str, Any]
     decoding: Decoding
-    state: State = Field(description="of version 1: indexing, then ready or failed")
+    state: VersionState = Field(description="of version 1: indexing, then ready or failed")
     stage: str | None
     progress: float | None
     error: JobError | None
@@ -86,7 +85,7 @@ class VersionOut(BaseModel):
     job_id: str | None
     digest: str = Field(description="sha256 of the adapter archive; its ETag")
     bytes: int
-    state: State = Field(description="of this version's training-set index")
+    state: VersionState = Field(description="of this version's training-set index")
     stage: str | None
     progress: float | None
     error: JobError | None

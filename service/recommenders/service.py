@@ -13,12 +13,13 @@ from fudlr.data.bundle import Bundle
 from fudlr.data.schema import SPLITS
 from fudlr.errors import InputError
 from fudlr.recommender.recommend import RecommendConfig, check_decodable
+from fudlr.states import TERMINAL
 from service.auth.models import Tenant
 from service.auth.service import owned
 from service.base_models.models import RegisteredModel
 from service.db import new_id
 from service.files.models import File
-from service.jobs.models import TERMINAL, Event, Job
+from service.jobs.models import Event, Job
 from service.problems import Problem, input_problem, not_found
 from service.recommenders.fit import check_fit
 from service.recommenders.models import Recommender, Version

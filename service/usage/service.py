@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.jobs.models import TERMINAL, Job
+from fudlr.states import TERMINAL
+from service.jobs.models import Job
 from service.problems import Problem
 from service.settings import Settings
 from service.storage import TenantStore

@@ -24,7 +24,8 @@ from tests.integration.harness import (
     wait_for,
 )
 
-# what makes the tiny planted-bias job succeed (tests/unit/test_repair.py), with a lenient guard
+# what makes the tiny planted-bias job succeed (tests/integration/test_repair_job.py), with a
+# lenient guard
 PLANTED_JOB = {
     "biases": ["item:popularity_group:MGU@1"],
     "budget": {"max_fraction": 0.3, "max_ndcg_drop": 0.9},

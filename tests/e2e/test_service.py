@@ -18,6 +18,8 @@ from clients.sdk import ApiError, Client, JobFailed
 from tests.e2e.conftest import PLANTED_JOB, Cluster, fudlr, start_cluster
 from tests.integration.harness import wait_for
 
+pytestmark = pytest.mark.slow  # every test runs debias jobs in worker processes
+
 TIMEOUT = 600  # seconds; CI machines are small and shared
 
 

@@ -1,5 +1,5 @@
-"""Fixtures over the real services: PostgreSQL (a throwaway database per session) and SQLite
-for the database, Redis for the broker."""
+"""Fixtures over real parts: the tiny adapter, trained once per session; PostgreSQL (a throwaway
+database per session) and SQLite for the database, Redis for the broker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from fudlr.data.bundle import Bundle
+from fudlr.recommender.train import train_adapter
+from tests.conftest import TINY_RECIPE
 from tests.integration.harness import require_redis, throwaway_database
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_bundle: Path):
+    """A LoRA adapter trained for a few epochs on the tiny bundle (shared, read-only)."""
+    out = tmp_path_factory.mktemp("tiny-adapter") / "adapter"
+    report = train_adapter(tiny_model, Bundle.load(tiny_bundle), out, TINY_RECIPE, device="cpu")
+    return out, report
 
 
 @pytest.fixture(scope="session")

@@ -19,11 +19,13 @@ import pytest
 from sqlalchemy import func, select, update
 
 from fudlr.data.bundle import Bundle
+from fudlr.repair.config import SETTINGS
 from service.auth.models import Tenant
 from service.files.models import File
+from service.jobs.schemas import Budget, Options
 from service.models import Job, Recommender, Version
 from service.settings import Settings
-from tests.conftest import run_cli, twin_titles_bundle
+from tests.conftest import out_of_bounds, run_cli, twin_titles_bundle
 from tests.integration.harness import InProcessServer, api_key
 
 LIMIT = 512 << 10  # uploads; the tiny bundle's biggest file is ~90 KiB
@@ -764,6 +766,20 @@ def test_job_refusals(api: Api, registered: dict, ready: str) -> None:
             api.call("POST", "/v1/jobs", json={"recommender_id": ready, **fields}), status, code
         )
         assert result.get("field") == field and reason in result["detail"], result
+    with api.sessions()() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == jobs
+
+
+def test_every_job_setting_out_of_bounds_is_a_422_naming_it(api: Api, ready: str) -> None:
+    """Read from the settings' declarations: a new bounded setting is checked here too."""
+    with api.sessions()() as session:
+        jobs = session.scalar(select(func.count()).select_from(Job))
+    for group, model in (("budget", Budget), ("options", Options)):
+        for name in model.model_fields:
+            for value in out_of_bounds(SETTINGS[name].setting):
+                body = {"recommender_id": ready, "biases": [BIAS], group: {name: value}}
+                refused = problem(api.call("POST", "/v1/jobs", json=body), 422, "validation_error")
+                assert refused["field"] == f"{group}.{name}", refused
     with api.sessions()() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == jobs
 

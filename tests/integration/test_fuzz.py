@@ -18,6 +18,8 @@ from bench.load import seed_job  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.integration.harness import InProcessServer, api_key  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 EXAMPLES = 25
 
 

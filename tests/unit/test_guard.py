@@ -4,12 +4,11 @@ Accuracy is judged like the bias, in a paired bootstrap over the guard users: a 
 users' noise explains passes, a real one is refused, and a budget smaller than one user's
 hit is reported as unresolved. Biases without signal on the guard users fail the job
 before any compute (CLI: one line; the API's refusal is in tests/integration/test_api.py),
-unless the job may drop them.
+unless the job may drop them (such a job runs in tests/integration/test_repair_job.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -195,63 +194,3 @@ def test_an_unmeasurable_bias_is_one_cli_line(
     )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no other bias" in err
     assert not (tmp_path / "out").exists()
-
-
-def test_drop_unmeasurable_runs_the_job_on_the_other_biases(
-    tmp_path: Path, tiny_model: Path, tiny_bundle: Path, tiny_adapter
-) -> None:
-    from fudlr.influence.index import IndexConfig, build_index
-    from fudlr.repair.pipeline import DebiasJob, RepairRejected
-
-    bundle = Bundle.load(tiny_bundle)
-    build_index(tiny_model, tiny_adapter[0], bundle, tmp_path / "index", IndexConfig(), "cpu")
-    popularity, genres = (
-        BiasSpec.parse("item:popularity_group:MGU@1"),
-        BiasSpec.parse("item:genres:MGU@1"),
-    )
-    config = DebiasConfig(
-        biases=(popularity, genres),
-        drop_unmeasurable=True,
-        step_sizes=(1.0,),
-        random_control="off",
-        test_users=0,
-    )
-    job = DebiasJob(tiny_model, tiny_adapter[0], bundle, tmp_path / "index", config, "cpu")
-    assert job.config.biases == (popularity,)
-    try:
-        report = job.run(tmp_path / "out")
-    except RepairRejected as rejected:  # a random tiny adapter need not be repairable
-        report = rejected.report
-    assert report["biases"] == [popularity.label]
-    assert [entry["bias"] for entry in report["dropped_biases"]] == [genres.label]
-    assert "Mystery" in report["dropped_biases"][0]["reason"]
-    # it went on: the queries and the mask ran for the bias that remains, and only for it
-    assert any(name.startswith(f"{popularity.label}:share:") for name in report["surrogates"])
-    assert not any(name.startswith(genres.label) for name in report["surrogates"])
-    assert report["seconds"]["scores"] > 0 and report["seconds"]["mask"] > 0
-
-    # a user group with no hit among the guard users, found once they are measured
-    gender = BiasSpec.parse("user:gender:NDCG@5")
-    config = DebiasConfig(biases=(popularity, gender), drop_unmeasurable=True, test_users=0)
-    job = DebiasJob(tiny_model, tiny_adapter[0], bundle, tmp_path / "index", config, "cpu")
-    rows = job.guard_rows
-    of = user_groups(bundle.users, "gender")
-    lists = {
-        row.user_id: ([row.target] if "M" in of.of(row.user_id) else [])
-        + [i for i in bundle.items if i != row.target][:K]
-        for row in rows
-    }
-    before = measurement_of(bundle, "valid", rows, lists, config.biases, K, 0)
-    measured = job.measurable(before)
-    assert job.config.biases == (popularity,) and list(measured.biases) == [popularity.label]
-    assert [entry["bias"] for entry in job.dropped] == [gender.label]
-    strict = DebiasJob(
-        tiny_model,
-        tiny_adapter[0],
-        bundle,
-        tmp_path / "index",
-        replace(config, drop_unmeasurable=False),
-        "cpu",
-    )
-    with pytest.raises(UnmeasurableBias, match="user group\\(s\\) F have NDCG@5 = 0"):
-        strict.measurable(before)

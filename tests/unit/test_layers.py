@@ -59,9 +59,13 @@ def _distributions_of(modules: set[str]) -> set[str]:
     return {_dist(dist) for module in modules for dist in owners.get(module, ())}
 
 
-@pytest.mark.parametrize(("module", "own"), [("clients.sdk", "httpx"), ("clients.cli", "typer")])
+@pytest.mark.parametrize(
+    ("module", "own"),
+    [("clients.sdk", "httpx"), ("clients.cli", "typer"), ("fudlr.repair.config", "pydantic")],
+)
 def test_the_client_loads_nothing_of_the_server(module: str, own: str) -> None:
-    """`import clients.sdk` and `fudlr --help` need only what `fudlr[client]` installs."""
+    """`import clients.sdk`, `fudlr --help` and the job settings the client's options read
+    need only what `fudlr[client]` installs."""
     loaded = _distributions_of(_loaded(module))
     assert own in loaded  # the probe sees third-party imports
     assert not loaded & _server_distributions(), sorted(loaded & _server_distributions())

@@ -189,16 +189,6 @@ def test_projected_scores_track_exact_scores(
         assert sum(pearson) / len(pearson) >= 0.9
 
 
-def test_a_job_asking_for_another_projection_is_refused() -> None:
-    from fudlr.errors import InputError
-    from fudlr.repair.config import check_projection
-
-    check_projection(Projection.EIGENBASIS, None)
-    check_projection(Projection.DENSE, Projection.DENSE)
-    with pytest.raises(InputError, match="stores dense gradients but the job asks for eigenbasis"):
-        check_projection(Projection.DENSE, Projection.EIGENBASIS)
-
-
 def test_index_refuses_another_adapter(
     tmp_path: Path, tiny_model: Path, tiny_bundle: Path, tiny_adapter, tiny_index: Path
 ) -> None:
@@ -271,6 +261,7 @@ def _conjugate_gradient(apply, rhs: torch.Tensor, iterations: int = 300) -> torc
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 def test_preconditioning_against_conjugate_gradient(
     tiny_model: Path, tiny_bundle: Path, tiny_adapter, kind: str
@@ -372,26 +363,3 @@ def test_share_gradients_by_candidate_rows_equal_plain_autograd(
         expected = torch.cat([g.flatten() for g in grads]).double()
         atol = 1e-5 * expected.abs().max().item()  # float32 sums taken in another order
         torch.testing.assert_close(gradients[group], expected, rtol=1e-4, atol=atol)
-
-
-def test_anchored_pools_hold_the_anchor_once_and_still_count_the_whole_catalog(
-    tiny_bundle: Path,
-) -> None:
-    """With equal scores the pool's importance weights sum to the catalog size, anchors or
-    not: sampling the strata among the remaining items keeps the estimate unbiased."""
-    from fudlr.fairness.groups import item_groups
-    from fudlr.fairness.surrogates import sample_pools
-
-    bundle = Bundle.load(tiny_bundle)
-    groups = item_groups(bundle.items, "popularity_group")
-    rows = bundle.split("valid")[:3]
-    anchors = [[row.history[0], row.history[0]] for row in rows]  # a repeat counts once
-    for pools in (
-        sample_pools(rows, groups, per_stratum=2, seed=0),
-        sample_pools(rows, groups, per_stratum=2, seed=0, anchors=anchors),
-    ):
-        for pool in pools:
-            assert len(set(pool.items)) == len(pool.items)
-            assert float(pool.log_weights.exp().sum()) == pytest.approx(len(bundle.items))
-    for row, pool in zip(rows, pools, strict=True):
-        assert pool.items[0] == row.history[0] and float(pool.log_weights[0]) == 0.0
