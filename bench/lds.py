@@ -20,13 +20,15 @@ baseline (plain gradient dot products), the field's sanity reference.
 Removal is retraining with the left-out samples' weights at 0 (as `retrain_without_s`):
 every other sample sees the same batches in the same order, which is also what the Newton
 step models. With `seeds` > 1 each subset is retrained once per seed and the measured
-values averaged (training noise averages out); how well two seeds' values agree over the
-subsets bounds what any predictor can reach. The headline is the index's default damping;
-the damping sweep picks a factor on the first half of the subsets and scores it on the
-second half, so that what it finds is held out.
+values averaged (training noise averages out); how well half the seeds' values agree with
+the other half's over the subsets says how much of a retrained change the subset alone
+determines. The headline is the index's default damping; the damping sweep picks a factor
+on the first half of the subsets and scores it on the second half, so that what it finds
+is held out.
 
-Writes bench/results/lds-<profile>-<date>-<commit>.json, lds-<profile>-latest.json and
-bench/results/plots/lds-<profile>.png, and prints a table. `--quick` is a smoke run.
+Writes bench/results/lds-<profile>-<date>-<commit>.json (its per-subset values beside it),
+lds-<profile>-latest.json and bench/results/plots/lds-<profile>-latest.png, and prints a
+table. `--quick` is a smoke run.
 """
 
 from __future__ import annotations
@@ -529,7 +531,7 @@ def run(profile: LdsProfile, work: Path, log: Log) -> tuple[dict[str, Any], dict
             "total": time.perf_counter() - clock["started"],
         },
     }
-    if profile.seeds > 1:  # the noise ceiling: one half of the seeds against the other
+    if profile.seeds > 1:  # the training noise: one half of the seeds against the other
         half = profile.seeds // 2
         results["seed_agreement"] = {
             "note": f"Spearman over the subsets between the values averaged over seeds "
