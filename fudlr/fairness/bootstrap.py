@@ -59,16 +59,7 @@ def paired_difference(
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(differences), size=(resamples, len(differences)))
     means = differences[draws].mean(axis=1)
-    tail = (1 - confidence) / 2
-    return PairedDifference(
-        mean=float(differences.mean()),
-        low=float(np.quantile(means, tail)),
-        high=float(np.quantile(means, 1 - tail)),
-        confidence=confidence,
-        p_not_above=float((means <= 0).mean()),
-        users=len(differences),
-        resamples=resamples,
-    )
+    return _summarised(float(differences.mean()), means, confidence, len(differences))
 
 
 def paired_change(
@@ -90,13 +81,20 @@ def paired_change(
     changes = np.asarray(
         [after(sample) - before(sample) for sample in resampled_users(rows, seed, resamples)]
     )
+    return _summarised(float(after(rows) - before(rows)), changes, confidence, len(rows))
+
+
+def _summarised(mean: float, resampled, confidence: float, users: int) -> PairedDifference:
+    """A difference from its value on the users and its values on the resamples (an array)."""
+    import numpy as np
+
     tail = (1 - confidence) / 2
     return PairedDifference(
-        mean=float(after(rows) - before(rows)),
-        low=float(np.quantile(changes, tail)),
-        high=float(np.quantile(changes, 1 - tail)),
+        mean=mean,
+        low=float(np.quantile(resampled, tail)),
+        high=float(np.quantile(resampled, 1 - tail)),
         confidence=confidence,
-        p_not_above=float((changes <= 0).mean()),
-        users=len(rows),
-        resamples=resamples,
+        p_not_above=float((resampled <= 0).mean()),
+        users=users,
+        resamples=len(resampled),
     )
