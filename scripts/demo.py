@@ -40,6 +40,7 @@ console = Console()
 ROOT = Path(__file__).resolve().parent.parent
 FUDLR = [sys.executable, "-m", "clients.cli"]
 KS = (1, 5, 10)
+RECIPE = Recipe.load()  # bundle, training and decoding of the reference recommender
 
 
 def fudlr(args: list[str], env: dict[str, str] | None = None, capture: bool = False) -> str:
@@ -114,7 +115,7 @@ def recommend_and_measure(
 ) -> tuple[Path, Path]:
     """Recommendations for the demo's test users and their metrics JSON (paths)."""
     recommendations, metrics = work / f"{name}-recommendations.jsonl", work / f"{name}-metrics.json"
-    decoding = Recipe.load().recommend
+    decoding = RECIPE.recommend
     users = ["--users", str(args.test_users), "--seed", "0"]
     recommend_args = ["recommend", "--base-model", str(model), "--adapter", str(adapter)]
     recommend_args += ["--bundle", str(bundle), "--split", "test", "--out", str(recommendations)]
@@ -145,11 +146,11 @@ def repair_through_the_service(
         env["FUDLR_API_KEY"] = fudlr(["keys", "create", "--tenant", "demo"], env, capture=True)
         register = ["register", "--name", "movielens-smollm2", "--base-model", str(model)]
         register += ["--adapter", str(adapter), "--bundle", str(bundle), "--wait"]
-        register += ["--decoding", str(Recipe.load().recommend.decoding)]
+        register += ["--decoding", str(RECIPE.recommend.decoding)]
         for option in (
             f"candidates={args.candidates}",
             f"curvature_samples={args.curvature_samples}",
-            f"batch_size={Recipe.load().train.batch_size}",
+            f"batch_size={RECIPE.train.batch_size}",
             f"precision={args.precision}",
         ):
             register += ["--index-option", option]
@@ -231,7 +232,6 @@ def comparison_table(before: dict, after: dict, report: dict, intervals: dict) -
 
 
 def main() -> None:
-    recipe = Recipe.load()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / ".fudlr-demo", help="output folder")
     parser.add_argument(
@@ -241,7 +241,7 @@ def main() -> None:
         "--test-users", type=int, default=200, help="test users measured before and after"
     )
     parser.add_argument(
-        "--num-beams", type=int, default=recipe.recommend.num_beams, help="constrained beams"
+        "--num-beams", type=int, default=RECIPE.recommend.num_beams, help="constrained beams"
     )
     parser.add_argument(
         "--precision",
@@ -273,7 +273,7 @@ def main() -> None:
     model = store / "smollm2-135m-instruct"
     started = time.perf_counter()
 
-    cut = recipe.bundle
+    cut = RECIPE.bundle
     data_args = ["data", "movielens-100k", "--out", str(bundle), "--seed", str(cut.seed)]
     data_args += ["--history-len", str(cut.history_len)]
     data_args += ["--latest-per-user", str(cut.latest_per_user)]
@@ -286,13 +286,13 @@ def main() -> None:
         from bench.reference import train
 
         adapter = work / "adapter"
-        key = [recipe.describe(), file_sha256(bundle / "train.jsonl")]
+        key = [RECIPE.describe(), file_sha256(bundle / "train.jsonl")]
         step(
             "train (the reference recipe)",
             key,
             adapter / "adapter_model.safetensors",
             work,
-            lambda: train(recipe, adapter, bundle, model),
+            lambda: train(RECIPE, adapter, bundle, model),
         )
     console.rule("[bold]metrics (test users, popularity groups 0 = least popular, gender gap)")
     before_lists, before = recommend_and_measure(args, "original", model, adapter, bundle, work)
