@@ -198,9 +198,12 @@ def mean_item_shares(
     pools: Sequence[Pool],
     completions: dict[str, str],
     temperature: float = 1.0,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """The surrogate shares alone (no gradient): to see where a patch actually moved them."""
-    with torch.no_grad():
+    """The surrogate shares alone (no gradient): to see where a patch actually moved them.
+    `precision`: that of the pass whose values they are compared with."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), autocast(device, precision):
         total = sum(
             user_item_shares(model, tokenizer, row.prompt, pool, completions, temperature).double()
             for row, pool in zip(rows, pools, strict=True)
@@ -217,9 +220,11 @@ def user_share_gradients(
     pool: Pool,
     completions: dict[str, str],
     temperature: float,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One user's shares [G] and their LoRA gradients [G, dim] with one backward pass over
-    the candidates and G-1 short ones over the prompt.
+    the candidates and G-1 short ones over the prompt; the forward passes under `precision`
+    (bf16 autocast where the index's gradients were computed so), the gradients in fp32.
 
     share_g depends on the weights only through the candidates' scores s_j, so
     ∇share_g = Σ_j (∂share_g/∂s_j) ∇s_j. One backward of Σ_j s_j gives every candidate's
@@ -228,7 +233,8 @@ def user_share_gradients(
     part of each share is then one backward through the prompt alone.
     """
     parameters = lora_parameters(model, layout)
-    prefix = encode_prefix(model, tokenizer, prompt)
+    with autocast(parameters[0].device, precision):
+        prefix = encode_prefix(model, tokenizer, prompt)
     copies = len(pool.items)
     leaves = [
         (
@@ -240,9 +246,10 @@ def user_share_gradients(
     first_leaf = prefix.first_logprobs.detach().requires_grad_()
     tracker = GradientTracker(linears)
     with tracker.track():
-        scores = score_candidates(
-            model, tokenizer, prefix, leaves, first_leaf, [completions[i] for i in pool.items]
-        )
+        with autocast(parameters[0].device, precision):
+            scores = score_candidates(
+                model, tokenizer, prefix, leaves, first_leaf, [completions[i] for i in pool.items]
+            )
         flat_leaves = [tensor for pair in leaves for tensor in pair]
         leaf_grads = torch.autograd.grad(
             scores.sum(), [*flat_leaves, first_leaf, *parameters], allow_unused=True
@@ -273,8 +280,8 @@ def user_share_gradients(
     for g in range(count - 1):
         weights = coefficients[g].to(scores.dtype)
         grad_outputs = [
-            (weights.view(-1, 1, 1, 1) * grad).sum(dim=0, keepdim=True)
-            for _, grad in prompt_outputs
+            (weights.view(-1, 1, 1, 1) * grad).sum(dim=0, keepdim=True).to(tensor.dtype)
+            for tensor, grad in prompt_outputs
         ]
         first_output = torch.zeros_like(prefix.first_logprobs)
         first_output[0].index_add_(0, first_ids, weights.to(first_output.dtype))
@@ -309,6 +316,7 @@ def item_share_quantities(
     temperature: float = 1.0,
     control: Control | None = None,
     label: str = "item",
+    precision: str = "fp32",
 ) -> Quantities:
     """Mean expected share of each item group over `rows`' users, with gradients."""
     control = control or Control()
@@ -317,7 +325,7 @@ def item_share_quantities(
     per_user = torch.zeros(len(rows), count, layout.dim, dtype=torch.float32)
     for done, (row, pool) in enumerate(zip(rows, pools, strict=True), start=1):
         shares, grads = user_share_gradients(
-            model, tokenizer, linears, layout, row.prompt, pool, completions, temperature
+            model, tokenizer, linears, layout, row.prompt, pool, completions, temperature, precision
         )
         values += shares
         per_user[done - 1] = grads
@@ -338,6 +346,7 @@ def loss_quantities(
     max_length: int = 256,
     batch_size: int = 8,
     control: Control | None = None,
+    precision: str = "fp32",
 ) -> Quantities:
     """Mean validation loss and, per user grouping, each group's mean log-likelihood.
 
@@ -356,6 +365,7 @@ def loss_quantities(
         pad_id=tokenizer.pad_token_id,
         control=control,
         stage="validation gradients",
+        precision=precision,
     ):
         per_user[indices] = grads
         losses[indices] = batch_losses.double()

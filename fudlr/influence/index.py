@@ -157,6 +157,12 @@ class TrainingIndex:
     def projection_kind(self) -> Projection:
         return stored_projection(self.manifest)
 
+    @property
+    def precision(self) -> str:
+        """The precision the cached gradients were computed in: a job computes its query
+        gradients and recomputed sample gradients alike, so both sides of a score match."""
+        return self.manifest["config"].get("precision", "fp32")
+
     def precondition(self, queries: torch.Tensor) -> torch.Tensor:
         """H⁻¹ q for each query row ([k, dim]) in the coordinates of the cached rows, so
         that a score is one dot product with a cached row (every LoRA weight without a

@@ -232,7 +232,9 @@ class DebiasJob:
         if config.test_users != 0:
             self.measure_test(report.metrics, patcher, eta)
         report.surrogate_tracking = surrogate_tracking(self, queries, before, after)
+        self.lap("surrogate tracking")
         self.publish(out_dir / "adapter", patcher, selection, eta)
+        self.lap("publish")
         report.seconds = self.timings
         return write_report(out_dir, report)
 

@@ -81,6 +81,7 @@ def compute_queries(job: DebiasJob) -> Queries:
                 temperature=temperature,
                 control=job.progress,
                 label=bias.label,
+                precision=job.index.precision,
             )
         )
         shares = group_shares((row.history for row in rows), groups)
@@ -97,6 +98,7 @@ def compute_queries(job: DebiasJob) -> Queries:
             max_length=config.max_length,
             batch_size=config.batch_size,
             control=job.progress,
+            precision=job.index.precision,
         )
     )
     job.lap("queries: loss gradients")
@@ -184,6 +186,7 @@ def surrogate_tracking(
             queries.pools[bias.label],
             job.bundle.item_completions(),
             queries.temperatures[bias.label],
+            precision=job.index.precision,
         )
         names = job.groups[bias.label].names
         surrogate = {

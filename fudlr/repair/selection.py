@@ -80,6 +80,7 @@ def sample_gradients(
         pad_id=job.tokenizer.pad_token_id,
         control=job.progress,
         stage="training gradients",
+        precision=job.index.precision,
     )
     return (([chosen[j] for j in indices], rows) for indices, rows, _ in passes)
 

@@ -363,3 +363,25 @@ def test_share_gradients_by_candidate_rows_equal_plain_autograd(
         expected = torch.cat([g.flatten() for g in grads]).double()
         atol = 1e-5 * expected.abs().max().item()  # float32 sums taken in another order
         torch.testing.assert_close(gradients[group], expected, rtol=1e-4, atol=atol)
+
+
+def test_share_gradients_in_bf16_point_where_the_fp32_ones_do(
+    tiny_model: Path, tiny_bundle: Path, tiny_adapter
+) -> None:
+    """Under bf16 autocast (the jobs of a bf16 index) the shares and their gradients stay
+    those of fp32: every group's gradient points the same way (cosine near 1)."""
+    from fudlr.fairness.groups import item_groups
+    from fudlr.fairness.surrogates import sample_pools, user_share_gradients
+
+    bundle = Bundle.load(tiny_bundle)
+    model, tokenizer, linears, layout = _loaded(tiny_model, tiny_adapter[0])
+    groups = item_groups(bundle.items, "popularity_group")
+    row = bundle.split("valid")[0]
+    pool = sample_pools([row], groups, per_stratum=3, seed=1)[0]
+    completions = bundle.item_completions()
+    arguments = (model, tokenizer, linears, layout, row.prompt, pool, completions, 2.0)
+    shares, exact = user_share_gradients(*arguments, precision="fp32")
+    shares_bf16, fast = user_share_gradients(*arguments, precision="bf16")
+    torch.testing.assert_close(shares_bf16, shares, atol=0.02, rtol=0)
+    cosines = torch.nn.functional.cosine_similarity(fast, exact, dim=1)
+    assert bool((cosines > 0.99).all()), cosines
