@@ -2,10 +2,10 @@
 
 `transformers.generate` repeats every prompt `num_beams` times *before* the first
 forward pass, so the prompt (most of the tokens here) is encoded once per beam. This
-beam search encodes each prompt once and copies its key/value cache to the beams,
-which makes 5 beams cost little more than greedy decoding. The search rule is the
-one of `generate(num_beams=K, early_stopping=True, length_penalty=1.0)`, and a test
-holds the two to the same outputs.
+beam search encodes each prompt once and its beams share that key/value cache
+(shared_prefix.py), which makes 5 beams cost little more than greedy decoding. The
+search rule is the one of `generate(num_beams=K, early_stopping=True,
+length_penalty=1.0)`, and a test holds the two to the same outputs.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
 
 
 class PromptBeams:
-    """Left-padded prompts run once, their key/value cache copied to `beams` rows each; a
-    step reorders the rows to the surviving hypotheses and feeds one token per row. Both
-    beam searches (free text, and constrained to the catalog) decode through it."""
+    """Left-padded prompts run once, their key/value cache shared by `beams` rows each (a
+    SharedPrefixCache); a step reorders the rows to the surviving hypotheses and feeds one
+    token per row. Both beam searches (free text, and constrained to the catalog) decode
+    through it."""
 
     def __init__(
         self,
@@ -47,6 +48,8 @@ class PromptBeams:
         attention_mask: torch.Tensor,
         beams: int,
     ) -> None:
+        from fudlr.recommender.shared_prefix import SharedPrefixCache
+
         self.model = model
         positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         output = model(
@@ -56,9 +59,7 @@ class PromptBeams:
             use_cache=True,
             logits_to_keep=1,
         )
-        self.cache = output.past_key_values
-        self.cache.batch_repeat_interleave(beams)
-        self.attention_mask = attention_mask.repeat_interleave(beams, dim=0)
+        self.cache = SharedPrefixCache(output.past_key_values, attention_mask, beams)
         self.next_position = positions[:, -1:].repeat_interleave(beams, dim=0) + 1
         self.first_logprobs = _last_logprobs(output).repeat_interleave(beams, dim=0)
 
@@ -66,20 +67,18 @@ class PromptBeams:
         """Row r continues row `origins[r]` with `tokens[r]`; the next token's log-probabilities."""
         import torch
 
-        device = self.attention_mask.device
+        from fudlr.recommender.shared_prefix import shared_prefix_attention
+
+        device = self.next_position.device
         index = torch.tensor(origins, device=device)
-        self.cache.reorder_cache(index)
-        step_tokens = torch.tensor(tokens, device=device).view(-1, 1)
-        self.attention_mask = torch.cat(
-            [self.attention_mask[index], torch.ones_like(step_tokens)], dim=1
-        )
-        output = self.model(
-            input_ids=step_tokens,
-            attention_mask=self.attention_mask,
-            position_ids=self.next_position[index],
-            past_key_values=self.cache,
-            use_cache=True,
-        )
+        self.cache.reorder(index)
+        with shared_prefix_attention(self.model):
+            output = self.model(
+                input_ids=torch.tensor(tokens, device=device).view(-1, 1),
+                position_ids=self.next_position[index],
+                past_key_values=self.cache,
+                use_cache=True,
+            )
         self.next_position = self.next_position[index] + 1
         return _last_logprobs(output)
 

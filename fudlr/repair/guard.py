@@ -65,7 +65,8 @@ class Measurement:
         }
 
 
-MEASUREMENT_FORMAT = 3  # 2: with each user's top list; 3: every bias at REPORTED_KS
+MEASUREMENT_FORMAT = 4  # 2: with each user's top list; 3: every bias at REPORTED_KS;
+# 4: beams attend to one copy of their prompt (bf16 lists may differ from 3's at near-ties)
 
 
 def measurement_key(

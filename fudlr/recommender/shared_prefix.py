@@ -1,0 +1,131 @@
+"""Beams that share a prompt attend to one copy of its keys and values.
+
+A beam search over B prompts with `beams` beams each runs B·beams rows. The usual cache
+holds every row's whole sequence, so each step copies the prompt's keys and values once
+per beam, reorders them to the surviving hypotheses and appends to them: bytes moved per
+step grow with beams × prompt length, and on a CPU they, not the matmuls, were most of a
+decoding step. Here the prompt part stays [B, heads, prompt, dim], computed once by the
+prefill; only the generated tokens are kept per row, reordered and grown. Attention splits
+the same way: each query scores its prompt's keys (one matmul per prompt, all of its beams'
+queries at once) and its own generated keys, under one softmax.
+
+It plugs into transformers through its attention interface (the model's own projections,
+rotary embeddings and MLPs run unchanged); the cache's `update` hands the attention both
+parts. A hypothesis' origin must be a beam of the same prompt, as in every beam search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import Cache, PreTrainedModel
+
+ATTENTION = "fudlr_shared_prefix"
+
+
+@dataclass
+class _Layer:
+    """What the cache hands attention for one layer in place of its keys and values."""
+
+    cache: SharedPrefixCache
+    index: int
+
+
+class SharedPrefixCache:
+    """The prefill's cache kept once per prompt, plus each row's generated keys and values."""
+
+    def __init__(self, prefill: Cache, attention_mask: torch.Tensor, beams: int) -> None:
+        import torch
+
+        keys = prefill.layers[0].keys
+        self.beams = beams
+        # fp32, as a fused attention kernel keeps its scores and sums under bf16 autocast:
+        # a score rounded to bf16 reorders near-tied titles
+        self.prompt_keys = [layer.keys.float() for layer in prefill.layers]
+        self.prompt_values = [layer.values.float() for layer in prefill.layers]
+        rows, (kv_heads, head_dim) = keys.size(0) * beams, keys.shape[1::2]
+        empty = keys.new_zeros((rows, kv_heads, 0, head_dim), dtype=torch.float32)
+        self.keys = [empty] * len(self.prompt_keys)
+        self.values = [empty] * len(self.prompt_keys)
+        # left padding: no query attends to a prompt's pad positions
+        padding = torch.zeros(attention_mask.shape, dtype=torch.float32, device=keys.device)
+        self.prompt_bias = padding.masked_fill(attention_mask == 0, float("-inf"))
+
+    def reorder(self, origins: torch.Tensor) -> None:
+        """Row r continues row origins[r] (a beam of the same prompt)."""
+        import torch
+
+        same_prompt = torch.div(origins, self.beams, rounding_mode="floor")
+        rows = torch.arange(len(origins), device=origins.device) // self.beams
+        if not bool((same_prompt == rows).all()):
+            raise ValueError("a beam can only continue a beam of its own prompt")
+        self.keys = [keys.index_select(0, origins) for keys in self.keys]
+        self.values = [values.index_select(0, origins) for values in self.values]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_: object
+    ) -> tuple[_Layer, _Layer]:
+        """Append this step's keys and values (the attention below reads them)."""
+        import torch
+
+        self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states.float()], dim=2)
+        self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states.float()], dim=2)
+        layer = _Layer(self, layer_idx)
+        return layer, layer
+
+    def attention(self, query: torch.Tensor, layer: int, scaling: float) -> torch.Tensor:
+        """Softmax attention of one new token per row ([B·beams, heads, 1, dim]) over its
+        prompt and its own generated tokens; [B·beams, 1, heads, dim]."""
+        import torch
+
+        prompt_keys, prompt_values = self.prompt_keys[layer], self.prompt_values[layer]
+        rows, heads, _, dim = query.shape
+        prompts, kv_heads, prompt_length, _ = prompt_keys.shape
+        beams, groups = rows // prompts, heads // kv_heads
+        # query head h·groups + g reads key/value head h (grouped-query attention)
+        grouped = query.float().view(prompts, beams, kv_heads, groups, dim).permute(0, 2, 1, 3, 4)
+        generated_keys = self.keys[layer].view(prompts, beams, kv_heads, -1, dim).transpose(1, 2)
+        generated_values = (
+            self.values[layer].view(prompts, beams, kv_heads, -1, dim).transpose(1, 2)
+        )
+        on_prompt = grouped.reshape(prompts, kv_heads, beams * groups, dim) @ prompt_keys.mT
+        on_prompt = on_prompt.view(prompts, kv_heads, beams, groups, prompt_length)
+        on_prompt = on_prompt * scaling + self.prompt_bias[:, None, None, None, :]
+        on_generated = (grouped @ generated_keys.mT) * scaling
+        weights = torch.softmax(torch.cat([on_prompt, on_generated], dim=-1), dim=-1)
+        output = (
+            weights[..., :prompt_length].reshape(prompts, kv_heads, beams * groups, prompt_length)
+            @ prompt_values
+        ).view(prompts, kv_heads, beams, groups, dim)
+        output = output + weights[..., prompt_length:] @ generated_values
+        return output.permute(0, 2, 1, 3, 4).reshape(rows, 1, heads, dim)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers' attention-interface signature; `key` and `value` are the cache's
+    `_Layer` (its `update` returned them), so the attention reads both of its parts."""
+    import torch
+
+    scaling = scaling or query.size(-1) ** -0.5
+    with torch.autocast(query.device.type, enabled=False):  # fp32 scores (see the cache)
+        return key.cache.attention(query, key.index, scaling), None
+
+
+@contextmanager
+def shared_prefix_attention(model: PreTrainedModel) -> Iterator[None]:
+    """The model's attention reads a SharedPrefixCache while inside."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _attention)
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
