@@ -137,7 +137,7 @@ def repair_through_the_service(
 ) -> Path | None:
     """Register, debias and download through the HTTP service; returns the repaired adapter."""
     from clients.embedded import embedded_service
-    from clients.sdk import Client
+    from clients.sdk import ApiError, Client
 
     out = work / "repair"
     log = work / "service.log"
@@ -155,7 +155,7 @@ def repair_through_the_service(
         ):
             register += ["--index-option", option]
         recommender = fudlr(register, env, capture=True)
-        submit = ["submit", recommender, "--bias", args.bias, "--wait"]
+        submit = ["submit", recommender, "--bias", args.bias]
         for option in (
             f"query_users={args.query_users}",
             f"guard_users={args.guard_users}",
@@ -164,19 +164,43 @@ def repair_through_the_service(
             f"precision={args.precision}",
         ):
             submit += ["--option", option]
+        job = fudlr(submit, env, capture=True)
         try:
-            job = fudlr(submit, env, capture=True)
+            fudlr(["wait", job], env)
         except subprocess.CalledProcessError:
+            published = False
+        else:
+            published = True
+            fudlr(["download", recommender, "--out", str(out / "adapter")], env)
+        with Client(env["FUDLR_URL"], env["FUDLR_API_KEY"]) as client:
+            try:
+                report = client.report(job)
+            except ApiError as error:  # it failed before it could judge anything
+                console.print(f"[bold red]The job {job} ended without a report: {error}[/]")
+                return None
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        console.print(stage_seconds(report))
+        if not published:
             console.print(
-                "[bold yellow]The job published no repaired adapter; its reason is above. "
+                f"[bold yellow]The job published no repaired adapter: {report['reason']}[/]\n"
                 "A selection test or a guard needs users to resolve an effect: more "
-                "--query-users, --guard-users or --candidates give it more."
+                f"--query-users, --guard-users or --candidates give it more "
+                f"(its report: {out / 'report.json'})."
             )
             return None
-        fudlr(["download", recommender, "--out", str(out / "adapter")], env)
-        with Client(env["FUDLR_URL"], env["FUDLR_API_KEY"]) as client:
-            (out / "report.json").write_text(json.dumps(client.report(job), indent=2))
     return out / "adapter"
+
+
+def stage_seconds(report: dict) -> Table:
+    """Where the job's time went, stage by stage (the report's `seconds`)."""
+    table = Table(title="the job's stages")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, seconds in report["seconds"].items():
+        table.add_row(stage, f"{seconds:.0f}")
+    table.add_row("[bold]total", f"[bold]{sum(report['seconds'].values()):.0f}")
+    return table
 
 
 def changes(bundle_dir: Path, before: Path, after: Path, users: int, k: int) -> dict[str, dict]:

@@ -59,7 +59,8 @@ class PromptBeams:
             use_cache=True,
             logits_to_keep=1,
         )
-        self.cache = SharedPrefixCache(output.past_key_values, attention_mask, beams)
+        prefill = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
+        self.cache = SharedPrefixCache(prefill, attention_mask, beams)
         self.next_position = positions[:, -1:].repeat_interleave(beams, dim=0) + 1
         self.first_logprobs = _last_logprobs(output).repeat_interleave(beams, dim=0)
 

@@ -41,6 +41,38 @@ def encode_prefix(
     return Prefix(prompt_ids.size(1), keys_values, first)
 
 
+def _candidate_batch(
+    tokenizer: PreTrainedTokenizerBase, completions: Sequence[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The completions' tokens (+ EOS), right-padded: ids and mask [C, width]."""
+    import torch
+
+    encoded = [encode_completion(tokenizer, text) for text in completions]
+    width = max(len(ids) for ids in encoded)
+    candidate_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    candidate_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        candidate_ids[row, : len(ids)] = torch.tensor(ids)
+        candidate_mask[row, : len(ids)] = 1
+    return candidate_ids.to(device), candidate_mask.to(device)
+
+
+def _summed_logprobs(
+    logits: torch.Tensor,
+    first_logprobs: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    candidate_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Each candidate's summed token log-probabilities: token j is predicted by the
+    prompt's last position (j = 0) or by candidate position j - 1."""
+    import torch
+
+    following = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    first = first_logprobs.expand(candidate_ids.size(0), -1).gather(1, candidate_ids[:, :1])
+    rest = following.gather(2, candidate_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (torch.cat([first, rest], dim=1) * candidate_mask).sum(dim=1)
+
+
 def score_candidates(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -49,28 +81,22 @@ def score_candidates(
     first_logprobs: torch.Tensor,
     completions: Sequence[str],
 ) -> torch.Tensor:
-    """Scores of len(completions) candidates on a prefix cache already holding one row each.
-
-    `keys_values` and `first_logprobs` are the prefix's, repeated to the candidates (or
-    leaf copies of them, when the caller wants the gradient at the prefix's outputs).
-    """
+    """Scores of len(completions) candidates on a prefix cache holding one row each: leaf
+    copies of the prefix's keys/values, when the caller wants the gradient of each
+    candidate's score at its own copy of the prompt's outputs."""
     import torch
     from transformers import DynamicCache
 
-    device = first_logprobs.device
-    encoded = [encode_completion(tokenizer, text) for text in completions]
-    copies, width = len(encoded), max(len(ids) for ids in encoded)
-    candidate_ids = torch.full((copies, width), tokenizer.pad_token_id, dtype=torch.long)
-    candidate_mask = torch.zeros((copies, width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        candidate_ids[row, : len(ids)] = torch.tensor(ids)
-        candidate_mask[row, : len(ids)] = 1
-    candidate_ids, candidate_mask = candidate_ids.to(device), candidate_mask.to(device)
+    candidate_ids, candidate_mask = _candidate_batch(tokenizer, completions, first_logprobs.device)
+    copies, width = candidate_ids.shape
     attention_mask = torch.cat(
-        [torch.ones((copies, prefix.length), dtype=torch.long, device=device), candidate_mask],
+        [
+            torch.ones((copies, prefix.length), dtype=torch.long, device=candidate_ids.device),
+            candidate_mask,
+        ],
         dim=1,
     )
-    positions = torch.arange(prefix.length, prefix.length + width, device=device)
+    positions = torch.arange(prefix.length, prefix.length + width, device=candidate_ids.device)
     output = model(
         input_ids=candidate_ids,
         attention_mask=attention_mask,
@@ -78,22 +104,7 @@ def score_candidates(
         past_key_values=DynamicCache(keys_values, config=model.config),
         use_cache=True,
     )
-    # token j of a candidate is predicted by the prompt's last position (j = 0)
-    # or by candidate position j - 1
-    following = torch.log_softmax(output.logits[:, :-1, :].float(), dim=-1)
-    first = first_logprobs.expand(copies, -1).gather(1, candidate_ids[:, :1])
-    rest = following.gather(2, candidate_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (torch.cat([first, rest], dim=1) * candidate_mask).sum(dim=1)
-
-
-def repeat_rows(
-    keys_values: list[tuple[torch.Tensor, torch.Tensor]], copies: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Views of a batch-1 cache as `copies` rows (no memory copied)."""
-    return [
-        (keys.expand(copies, -1, -1, -1), values.expand(copies, -1, -1, -1))
-        for keys, values in keys_values
-    ]
+    return _summed_logprobs(output.logits, first_logprobs, candidate_ids, candidate_mask)
 
 
 def score_completions(
@@ -106,22 +117,31 @@ def score_completions(
 ) -> torch.Tensor:
     """Sum of token log-probabilities of each completion (+ EOS) after `prompt`, shape [C].
 
+    The candidates attend to one copy of the prompt's keys/values (SharedPrefixCache).
     Runs under the caller's grad mode: wrap in `torch.no_grad()` for plain scoring.
     """
     import torch
 
+    from fudlr.recommender.shared_prefix import SharedPrefixCache, shared_prefix_attention
+
     prefix = encode_prefix(model, tokenizer, prompt)
+    device = prefix.first_logprobs.device
+    prompt_mask = torch.ones((1, prefix.length), dtype=torch.long, device=device)
     scores = []
     for start in range(0, len(completions), chunk_size):
-        chunk = completions[start : start + chunk_size]
-        scores.append(
-            score_candidates(
-                model,
-                tokenizer,
-                prefix,
-                repeat_rows(prefix.keys_values, len(chunk)),
-                prefix.first_logprobs,
-                chunk,
+        candidate_ids, candidate_mask = _candidate_batch(
+            tokenizer, completions[start : start + chunk_size], device
+        )
+        copies, width = candidate_ids.shape
+        positions = torch.arange(prefix.length, prefix.length + width, device=device)
+        with shared_prefix_attention(model):
+            output = model(
+                input_ids=candidate_ids,
+                position_ids=positions.expand(copies, -1),
+                past_key_values=SharedPrefixCache(prefix.keys_values, prompt_mask, copies),
+                use_cache=True,
             )
+        scores.append(
+            _summed_logprobs(output.logits, prefix.first_logprobs, candidate_ids, candidate_mask)
         )
     return torch.cat(scores)

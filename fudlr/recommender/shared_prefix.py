@@ -16,14 +16,14 @@ parts. A hypothesis' origin must be a beam of the same prompt, as in every beam 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-    from transformers import Cache, PreTrainedModel
+    from transformers import PreTrainedModel
 
 ATTENTION = "fudlr_shared_prefix"
 
@@ -39,15 +39,21 @@ class _Layer:
 class SharedPrefixCache:
     """The prefill's cache kept once per prompt, plus each row's generated keys and values."""
 
-    def __init__(self, prefill: Cache, attention_mask: torch.Tensor, beams: int) -> None:
+    def __init__(
+        self,
+        keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        attention_mask: torch.Tensor,
+        beams: int,
+    ) -> None:
+        """`keys_values`: the prefill's per layer ([B, kv_heads, prompt, dim]);
+        `attention_mask`: the prompts' ([B, prompt], 0 at left padding)."""
         import torch
 
-        keys = prefill.layers[0].keys
+        keys = keys_values[0][0]
         self.beams = beams
-        # fp32, as a fused attention kernel keeps its scores and sums under bf16 autocast:
-        # a score rounded to bf16 reorders near-tied titles
-        self.prompt_keys = [layer.keys.float() for layer in prefill.layers]
-        self.prompt_values = [layer.values.float() for layer in prefill.layers]
+        # fp32, as a fused attention kernel keeps its scores and sums under bf16 autocast
+        self.prompt_keys = [layer_keys.float() for layer_keys, _ in keys_values]
+        self.prompt_values = [layer_values.float() for _, layer_values in keys_values]
         rows, (kv_heads, head_dim) = keys.size(0) * beams, keys.shape[1::2]
         empty = keys.new_zeros((rows, kv_heads, 0, head_dim), dtype=torch.float32)
         self.keys = [empty] * len(self.prompt_keys)
@@ -79,31 +85,37 @@ class SharedPrefixCache:
         return layer, layer
 
     def attention(self, query: torch.Tensor, layer: int, scaling: float) -> torch.Tensor:
-        """Softmax attention of one new token per row ([B·beams, heads, 1, dim]) over its
-        prompt and its own generated tokens; [B·beams, 1, heads, dim]."""
+        """Softmax attention of each row's new tokens ([B·beams, heads, new, dim]) over its
+        prompt and, causally, its own generated tokens; [B·beams, new, heads, dim]."""
         import torch
 
         prompt_keys, prompt_values = self.prompt_keys[layer], self.prompt_values[layer]
-        rows, heads, _, dim = query.shape
+        rows, heads, new, dim = query.shape
         prompts, kv_heads, prompt_length, _ = prompt_keys.shape
         beams, groups = rows // prompts, heads // kv_heads
+        generated = self.keys[layer].size(2)
+        shape = (prompts, kv_heads, beams, -1, dim)
         # query head h·groups + g reads key/value head h (grouped-query attention)
-        grouped = query.float().view(prompts, beams, kv_heads, groups, dim).permute(0, 2, 1, 3, 4)
+        grouped = query.float().view(prompts, beams, kv_heads, groups, new, dim)
+        grouped = grouped.permute(0, 2, 1, 3, 4, 5)  # [B, kv_heads, beams, groups, new, dim]
         generated_keys = self.keys[layer].view(prompts, beams, kv_heads, -1, dim).transpose(1, 2)
-        generated_values = (
-            self.values[layer].view(prompts, beams, kv_heads, -1, dim).transpose(1, 2)
-        )
-        on_prompt = grouped.reshape(prompts, kv_heads, beams * groups, dim) @ prompt_keys.mT
-        on_prompt = on_prompt.view(prompts, kv_heads, beams, groups, prompt_length)
-        on_prompt = on_prompt * scaling + self.prompt_bias[:, None, None, None, :]
-        on_generated = (grouped @ generated_keys.mT) * scaling
+        generated_values = self.values[layer].view(prompts, beams, kv_heads, -1, dim)
+        generated_values = generated_values.transpose(1, 2)
+        on_prompt = grouped.reshape(prompts, kv_heads, -1, dim) @ prompt_keys.mT
+        on_prompt = on_prompt.view(prompts, kv_heads, beams, groups, new, prompt_length)
+        on_prompt = on_prompt * scaling + self.prompt_bias[:, None, None, None, None, :]
+        on_generated = grouped.reshape(shape) @ generated_keys.mT * scaling
+        on_generated = on_generated.view(prompts, kv_heads, beams, groups, new, generated)
+        # new token i sits at generated position generated - new + i
+        position = torch.arange(generated, device=query.device)
+        latest = generated - new + torch.arange(new, device=query.device)
+        on_generated = on_generated.masked_fill(position > latest[:, None], float("-inf"))
         weights = torch.softmax(torch.cat([on_prompt, on_generated], dim=-1), dim=-1)
-        output = (
-            weights[..., :prompt_length].reshape(prompts, kv_heads, beams * groups, prompt_length)
-            @ prompt_values
-        ).view(prompts, kv_heads, beams, groups, dim)
-        output = output + weights[..., prompt_length:] @ generated_values
-        return output.permute(0, 2, 1, 3, 4).reshape(rows, 1, heads, dim)
+        output = weights[..., :prompt_length].reshape(prompts, kv_heads, -1, prompt_length)
+        output = (output @ prompt_values).view(prompts, kv_heads, beams, groups, new, dim)
+        from_generated = weights[..., prompt_length:].reshape(*shape[:3], -1, generated)
+        output = output + (from_generated @ generated_values).view(output.shape)
+        return output.permute(0, 2, 4, 1, 3, 5).reshape(rows, new, heads, dim)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
