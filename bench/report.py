@@ -188,6 +188,30 @@ def _row(name: str, system: Mapping[str, Any], k: int, seconds: str, note: str) 
     )
 
 
+def _change_lines(changes: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each system's changes against the original with their paired intervals."""
+    if not changes:
+        return []
+    metrics = list(next(iter(changes.values())))
+    lines = [
+        "",
+        "## Changes against the original (test users, 95% paired bootstrap interval, p)",
+        "",
+        f"| change of | {' | '.join(metrics)} |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for name, measured in changes.items():
+        cells = [
+            f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] p {c['p_not_above']:.2f}"
+            for c in (measured[metric] for metric in metrics)
+        ]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines.append(
+        "\np: the share of resamples of the test users in which the change is not above zero."
+    )
+    return lines
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     """The results as Markdown: systems, targets, fidelity, scaling."""
     k, systems = results["k"], results["systems"]
@@ -220,6 +244,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     for name, reference in results.get("references", {}).items():
         lines.append(_row(f"{name} (reference)", reference, k, "–", reference["work"]))
     lines += ["", f"HR@{k} in brackets: test users whose target is in the top {k}."]
+    lines += _change_lines(results.get("changes", {}))
     # a system measured again after the run (a bug found later), said where it is read
     corrections = results.get("corrections", [])
     if corrections:

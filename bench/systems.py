@@ -35,8 +35,9 @@ from fudlr.baselines.popularity import interaction_counts, most_popular
 from fudlr.baselines.rerank import ALPHAS, Candidate, choose_alpha, distance_scale, group_bias
 from fudlr.baselines.reweight import ifairlrs_weights
 from fudlr.data.bundle import Bundle, subset
+from fudlr.fairness.bootstrap import paired_changes, paired_difference
 from fudlr.fairness.groups import item_groups
-from fudlr.fairness.metrics import evaluate
+from fudlr.fairness.metrics import evaluate, ndcg_at_k
 from fudlr.influence.index import IndexConfig, build_index, training_samples
 from fudlr.models.store import weights_digest
 from fudlr.recommender.recommend import Decoding, Ranked, RecommendConfig, Recommender
@@ -260,11 +261,53 @@ class SystemsBench:
         }
 
     def scored(self, ranked: Ranked) -> dict[str, Any]:
-        """A system's measured fields from its rankings of the test users."""
+        """A system's measured fields from its rankings of the test users, with each user's
+        top list (what its changes against the original are bootstrapped from)."""
+        rankings = ranked.by_user(self.test_rows)
         return {
-            **self.metrics(ranked.by_user(self.test_rows)),
+            **self.metrics(rankings),
             "exact_titles": ranked.exact_matches,
+            "lists": self.top_lists(rankings),
         }
+
+    def top_lists(self, rankings: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Each test user's first max(ks) items: all any reported metric reads."""
+        return {user: items[: max(self.profile.ks)] for user, items in rankings.items()}
+
+    def changes(self) -> dict[str, Any]:
+        """Every system's change against the original on the test users, each with its
+        95% paired bootstrap interval and p (the share of resamples in which it is not
+        above zero): NDCG at the largest K (a mean over users) and MGU of the popularity
+        groups at every K (a number of the whole set of users, measured on each resample
+        under both systems). Systems without lists (skipped, or recorded by an older run)
+        have none."""
+        original = self.systems["original"].get("lists")
+        if original is None:
+            return {}
+        ks, rows, accuracy_k = self.profile.ks, self.test_rows, max(self.profile.ks)
+
+        def gains(lists: dict[str, list[str]]) -> list[float]:
+            return [ndcg_at_k(lists[row.user_id], row.target, accuracy_k) for row in rows]
+
+        def unfairness(lists: dict[str, list[str]]) -> Callable[[list], dict[str, float]]:
+            def measured(sample: list) -> dict[str, float]:
+                report = evaluate(self.bundle, "test", lists, ks, ITEM_ATTRIBUTE, rows=sample)
+                return {f"MGU@{k}": report["k"][str(k)]["MGU"] for k in ks}
+
+            return measured
+
+        changes = {}
+        for name, system in self.systems.items():
+            lists = system.get("lists")
+            if name == "original" or lists is None:
+                continue
+            self.log(f"{name}: paired bootstrap of its changes against the original")
+            unfair = paired_changes(rows, unfairness(original), unfairness(lists), resamples=500)
+            changes[name] = {
+                f"NDCG@{accuracy_k}": paired_difference(gains(original), gains(lists)).describe(),
+                **{metric: change.describe() for metric, change in unfair.items()},
+            }
+        return changes
 
     def measure(self, recommender: Recommender, label: str) -> dict[str, Any]:
         self.log(f"{label}: recommending for {len(self.test_rows)} test users")
@@ -552,6 +595,7 @@ class SystemsBench:
         rankings = most_popular(counts, self.test_rows, max(self.profile.ks))
         return {
             **self.metrics(rankings),
+            "lists": self.top_lists(rankings),
             "work": "the catalog's most interacted items outside the user's history",
         }
 
@@ -597,6 +641,7 @@ class SystemsBench:
             "test_users": len(self.test_rows),
             "valid_users": len(self.valid_rows),
             "systems": {name: self.systems[name] for name in SYSTEMS},
+            "changes": self.changes(),
             "references": {"most_popular": self.most_popular()},
             "scaling": scaling,
             "profile_settings": asdict(self.profile),

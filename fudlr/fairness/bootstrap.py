@@ -9,7 +9,7 @@ hundred users, so a rate without this interval says little.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -62,6 +62,35 @@ def paired_difference(
     return _summarised(float(differences.mean()), means, confidence, len(differences))
 
 
+def paired_changes(
+    rows: Sequence[Row],
+    before: Callable[[Sequence[Row]], Mapping[str, float]],
+    after: Callable[[Sequence[Row]], Mapping[str, float]],
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, PairedDifference]:
+    """The bootstrap of after(users) - before(users) for metrics of a whole set of users
+    (group shares, unfairness), which are not means of per-user values: each resample of
+    the users is measured under both systems. `before` and `after` return every metric by
+    name, so one measurement per resample serves them all."""
+    import numpy as np
+
+    if not rows:
+        raise ValueError("a paired change needs users")
+    was, now = before(rows), after(rows)
+    changes: dict[str, list[float]] = {name: [] for name in now}
+    for sample in resampled_users(rows, seed, resamples):
+        sample_before, sample_after = before(sample), after(sample)
+        for name, values in changes.items():
+            values.append(sample_after[name] - sample_before[name])
+    return {
+        name: _summarised(now[name] - was[name], np.asarray(values), confidence, len(rows))
+        for name, values in changes.items()
+    }
+
+
 def paired_change(
     rows: Sequence[Row],
     before: Callable[[Sequence[Row]], float],
@@ -71,17 +100,15 @@ def paired_change(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> PairedDifference:
-    """The bootstrap of after(users) - before(users) for a metric of a whole set of users
-    (a group share, an unfairness), which is not a mean of per-user values: each resample
-    of the users is measured under both systems."""
-    import numpy as np
-
-    if not rows:
-        raise ValueError("a paired change needs users")
-    changes = np.asarray(
-        [after(sample) - before(sample) for sample in resampled_users(rows, seed, resamples)]
-    )
-    return _summarised(float(after(rows) - before(rows)), changes, confidence, len(rows))
+    """`paired_changes` of one metric (a number of a whole set of users)."""
+    return paired_changes(
+        rows,
+        lambda sample: {"": before(sample)},
+        lambda sample: {"": after(sample)},
+        resamples=resamples,
+        confidence=confidence,
+        seed=seed,
+    )[""]
 
 
 def _summarised(mean: float, resampled, confidence: float, users: int) -> PairedDifference:

@@ -198,6 +198,32 @@ def test_the_targets_are_read_from_the_systems_numbers(bench: Bench) -> None:
     assert all(isinstance(target["met"], bool) for target in targets.values())
 
 
+def test_every_system_has_its_changes_against_the_original_with_intervals(
+    bench: Bench,
+) -> None:
+    """The paired bootstrap's point estimates are the systems' own metric differences on
+    the same test users, and each interval holds its estimate."""
+    systems, changes = bench.systems, bench.results["changes"]
+    measured = [name for name, system in systems.items() if system.get("metrics")]
+    assert set(changes) == set(measured) - {"original"}
+    original = systems["original"]["metrics"]["k"]
+    for name, change in changes.items():
+        metrics = systems[name]["metrics"]["k"]
+        assert set(change) == {"NDCG@10", "MGU@1", "MGU@5", "MGU@10"}
+        assert change["NDCG@10"]["mean"] == pytest.approx(
+            metrics["10"]["NDCG"] - original["10"]["NDCG"]
+        )
+        for k in ("1", "5", "10"):
+            mgu = change[f"MGU@{k}"]
+            assert mgu["mean"] == pytest.approx(metrics[k]["MGU"] - original[k]["MGU"])
+            assert mgu["users"] == bench.results["test_users"]
+        for interval in change.values():
+            assert interval["low"] <= interval["high"]
+            assert 0.0 <= interval["p_not_above"] <= 1.0
+    rows = tables((bench.folder / "latest.md").read_text())["change of"]
+    assert {row["change of"] for row in rows} == set(changes)
+
+
 def test_the_fidelity_reads_the_fudlr_job(bench: Bench) -> None:
     fidelity, fudlr = bench.results["fidelity"], bench.systems["fudlr"]
     assert fidelity["available"] and fidelity["removed"] == fudlr["removed"]

@@ -350,3 +350,33 @@ def test_a_paired_change_resamples_the_users_under_both_systems() -> None:
     assert gap.low > 0.1
     with pytest.raises(ValueError, match="needs users"):
         paired_change([], share(0), share(1))
+
+
+def test_paired_changes_measure_every_named_metric_on_the_same_resamples() -> None:
+    from fudlr.fairness.bootstrap import paired_change, paired_changes
+
+    users = [(i < 30, i < 50) for i in range(100)]
+
+    def shares(position: int):
+        def measured(rows):
+            served = sum(row[position] for row in rows) / len(rows)
+            return {"served": served, "unserved": 1 - served}
+
+        return measured
+
+    both = paired_changes(users, shares(0), shares(1), resamples=200, seed=3)
+    assert set(both) == {"served", "unserved"}
+    served, unserved = both["served"], both["unserved"]
+    assert served.mean == pytest.approx(0.2) and unserved.mean == pytest.approx(-0.2)
+    # one measurement per resample: the two metrics' changes mirror each other exactly
+    assert served.low == pytest.approx(-unserved.high)
+    assert served.high == pytest.approx(-unserved.low)
+    assert served.p_not_above == 0.0 and unserved.p_not_above == 1.0
+    alone = paired_change(
+        users,
+        lambda rows: shares(0)(rows)["served"],
+        lambda rows: shares(1)(rows)["served"],
+        resamples=200,
+        seed=3,
+    )
+    assert alone == served
