@@ -71,6 +71,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> P
 TINY_RECIPE = TrainConfig(epochs=3, learning_rate=3e-2, batch_size=8)
 
 
+# planted samples in the planted-bias jobs: with 60 the guard's 12 tiny users could not tell
+# the repair's MGU@1 cut from noise on an AVX512-BF16 EPYC (P(not reduced) 0.33); the same
+# count passed on other CPUs, so the margin is what this number buys
+PLANTED_COPIES = 120
+
+
 def planted_bundle(tiny_bundle: Path, out: Path, copies: int) -> Path:
     """The tiny bundle plus `copies` training samples that all recommend one unpopular item."""
     shutil.copytree(tiny_bundle, out)

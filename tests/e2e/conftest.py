@@ -36,13 +36,14 @@ PLANTED_JOB = {
 
 @pytest.fixture(scope="session")
 def planted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_bundle: Path):
-    """(bundle, adapter): the tiny bundle plus 60 samples recommending one unpopular item."""
+    """(bundle, adapter): the tiny bundle plus PLANTED_COPIES samples recommending one
+    unpopular item."""
     from fudlr.data.bundle import Bundle
     from fudlr.recommender.train import train_adapter
-    from tests.conftest import TINY_RECIPE, planted_bundle
+    from tests.conftest import PLANTED_COPIES, TINY_RECIPE, planted_bundle
 
     root = tmp_path_factory.mktemp("planted")
-    bundle = planted_bundle(tiny_bundle, root / "bundle", copies=60)
+    bundle = planted_bundle(tiny_bundle, root / "bundle", copies=PLANTED_COPIES)
     adapter = root / "adapter"
     train_adapter(tiny_model, Bundle.load(bundle), adapter, TINY_RECIPE, device="cpu")
     return bundle, adapter

@@ -18,7 +18,7 @@ from bench.compare import run_and_write
 from bench.report import markdown, selection_seconds
 from bench.systems import SYSTEMS, BenchProfile, SystemsBench
 from fudlr.fairness.metrics import DEFAULT_KS
-from tests.conftest import planted_bundle
+from tests.conftest import PLANTED_COPIES, planted_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ class Bench:
 def bench(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_bundle: Path) -> Bench:
     """Every system, the sweep and the service on the tiny bundle with a planted bias."""
     root = tmp_path_factory.mktemp("bench")
-    bundle = planted_bundle(tiny_bundle, root / "bundle", copies=120)
+    bundle = planted_bundle(tiny_bundle, root / "bundle", copies=PLANTED_COPIES)
     results = run_and_write(PROFILE, tiny_model, bundle, root / "work", root / "results")
     return Bench(tiny_model, bundle, root, results)
 

@@ -31,7 +31,7 @@ from fudlr.repair.pipeline import DebiasJob, RepairRejected
 from fudlr.repair.queries import compute_queries
 from fudlr.repair.selection import sample_gradients, score_samples
 from fudlr.repair.spec import BiasSpec
-from tests.conftest import TINY_RECIPE, planted_bundle
+from tests.conftest import PLANTED_COPIES, TINY_RECIPE, planted_bundle
 
 K = 10  # the K of the guard's accuracy check (DebiasConfig.accuracy_k)
 
@@ -209,7 +209,7 @@ def test_a_job_on_a_candidate_index_numbers_its_rows_by_the_candidates(
 
 
 def test_a_planted_bias_is_found_and_unlearned(tmp_path: Path, tiny_model: Path, tiny_bundle: Path):
-    bundle_dir = planted_bundle(tiny_bundle, tmp_path / "bundle", copies=60)
+    bundle_dir = planted_bundle(tiny_bundle, tmp_path / "bundle", copies=PLANTED_COPIES)
     bundle = Bundle.load(bundle_dir)
     adapter = tmp_path / "adapter"
     train_adapter(tiny_model, bundle, adapter, TINY_RECIPE, device="cpu")
