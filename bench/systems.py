@@ -296,7 +296,7 @@ class SystemsBench:
 
             return measured
 
-        changes = {}
+        original_gains, changes = gains(original), {}
         for name, system in self.systems.items():
             lists = system.get("lists")
             if name == "original" or lists is None:
@@ -304,7 +304,7 @@ class SystemsBench:
             self.log(f"{name}: paired bootstrap of its changes against the original")
             unfair = paired_changes(rows, unfairness(original), unfairness(lists), resamples=500)
             changes[name] = {
-                f"NDCG@{accuracy_k}": paired_difference(gains(original), gains(lists)).describe(),
+                f"NDCG@{accuracy_k}": paired_difference(original_gains, gains(lists)).describe(),
                 **{metric: change.describe() for metric, change in unfair.items()},
             }
         return changes

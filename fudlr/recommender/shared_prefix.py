@@ -21,6 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+# imported only where a model already runs (decoding, scoring), so transformers is loaded
+from transformers import AttentionInterface
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -128,12 +131,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs
         return key.cache.attention(query, key.index, scaling), None
 
 
+AttentionInterface.register(ATTENTION, _attention)  # once, not at every decoding step
+
+
 @contextmanager
 def shared_prefix_attention(model: PreTrainedModel) -> Iterator[None]:
     """The model's attention reads a SharedPrefixCache while inside."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION, _attention)
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION

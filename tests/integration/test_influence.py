@@ -338,12 +338,11 @@ def test_cancellation_stops_the_index_between_batches_and_leaves_nothing(
     assert len(seen) == 3 and not out.exists() and not (tmp_path / "index.partial").exists()
 
 
-def test_share_gradients_by_candidate_rows_equal_plain_autograd(
-    tiny_model: Path, tiny_bundle: Path, tiny_adapter
-) -> None:
-    """The one-candidate-backward gradients of the group shares equal G plain backwards."""
+def _one_users_shares(tiny_model: Path, tiny_bundle: Path, tiny_adapter) -> tuple[tuple, object]:
+    """`user_share_gradients`' arguments for the first validation user (a pool of 3 items
+    per popularity group, temperature 2), and the groups."""
     from fudlr.fairness.groups import item_groups
-    from fudlr.fairness.surrogates import sample_pools, user_item_shares, user_share_gradients
+    from fudlr.fairness.surrogates import sample_pools
 
     bundle = Bundle.load(tiny_bundle)
     model, tokenizer, linears, layout = _loaded(tiny_model, tiny_adapter[0])
@@ -351,12 +350,21 @@ def test_share_gradients_by_candidate_rows_equal_plain_autograd(
     row = bundle.split("valid")[0]
     pool = sample_pools([row], groups, per_stratum=3, seed=1)[0]
     completions = bundle.item_completions()
-    shares, gradients = user_share_gradients(
-        model, tokenizer, linears, layout, row.prompt, pool, completions, temperature=2.0
-    )
+    return (model, tokenizer, linears, layout, row.prompt, pool, completions, 2.0), groups
+
+
+def test_share_gradients_by_candidate_rows_equal_plain_autograd(
+    tiny_model: Path, tiny_bundle: Path, tiny_adapter
+) -> None:
+    """The one-candidate-backward gradients of the group shares equal G plain backwards."""
+    from fudlr.fairness.surrogates import user_item_shares, user_share_gradients
+
+    arguments, groups = _one_users_shares(tiny_model, tiny_bundle, tiny_adapter)
+    model, tokenizer, _, layout, prompt, pool, completions, _ = arguments
+    shares, gradients = user_share_gradients(*arguments)
     named = dict(model.named_parameters())
     parameters = [named[name] for name in layout.names]
-    reference = user_item_shares(model, tokenizer, row.prompt, pool, completions, 2.0)
+    reference = user_item_shares(model, tokenizer, prompt, pool, completions, 2.0)
     torch.testing.assert_close(shares, reference.detach().double())
     for group in range(len(groups.names)):
         grads = torch.autograd.grad(reference[group], parameters, retain_graph=True)
@@ -370,16 +378,9 @@ def test_share_gradients_in_bf16_point_where_the_fp32_ones_do(
 ) -> None:
     """Under bf16 autocast (the jobs of a bf16 index) the shares and their gradients stay
     those of fp32: every group's gradient points the same way (cosine near 1)."""
-    from fudlr.fairness.groups import item_groups
-    from fudlr.fairness.surrogates import sample_pools, user_share_gradients
+    from fudlr.fairness.surrogates import user_share_gradients
 
-    bundle = Bundle.load(tiny_bundle)
-    model, tokenizer, linears, layout = _loaded(tiny_model, tiny_adapter[0])
-    groups = item_groups(bundle.items, "popularity_group")
-    row = bundle.split("valid")[0]
-    pool = sample_pools([row], groups, per_stratum=3, seed=1)[0]
-    completions = bundle.item_completions()
-    arguments = (model, tokenizer, linears, layout, row.prompt, pool, completions, 2.0)
+    arguments, _ = _one_users_shares(tiny_model, tiny_bundle, tiny_adapter)
     shares, exact = user_share_gradients(*arguments, precision="fp32")
     shares_bf16, fast = user_share_gradients(*arguments, precision="bf16")
     torch.testing.assert_close(shares_bf16, shares, atol=0.02, rtol=0)
